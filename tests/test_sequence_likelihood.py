@@ -1,0 +1,338 @@
+"""fused_sequence_likelihood against its plain-torch twin and an fp64 ground truth, outputs and gradients.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py); ``impl="torch"`` is the
+chunked CPU path. Error rule (as in flash-attention's tests): |ours - fp64| <= 2 * |torch low precision -
+fp64| + a small tolerance, per output and per gradient.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mppo_kernels
+from mppo_kernels import fused_sequence_likelihood, sequence_likelihood_reference
+from mppo_kernels import sequence_likelihood as sl
+
+IMPLS = ["triton", "torch"] if sl.triton is not None else ["torch"]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(lead, T, D, V, dtype, device, *, bias=True, seed=0, scale=1.0, prompt=True, holes=True):
+    """Random inputs with a prompt prefix, right padding and holes masked by -100 in every sequence."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, T, D, generator=g) * scale
+    weight = torch.randn(V, D, generator=g) / D**0.5 * 2.0
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    labels = torch.randint(0, V, (*lead, T), generator=g)
+    pos = torch.arange(T)
+    if prompt:
+        start = torch.randint(0, max(T // 2, 1), lead, generator=g)
+        labels = labels.masked_fill(pos < start[..., None], -100)
+    stop = torch.randint(max(T // 2, 1), T + 1, lead, generator=g)
+    labels = labels.masked_fill(pos >= stop[..., None], -100)
+    if holes:
+        labels = labels.masked_fill(torch.rand(*lead, T, generator=g) < 0.1, -100)
+    # Every sequence keeps at least one target token (empty ones are tested separately).
+    first_free = labels.ne(-100).any(-1)
+    fallback = torch.randint(0, V, lead, generator=g)
+    labels[..., -1] = torch.where(first_free, labels[..., -1], fallback)
+    to = dict(device=device)
+    return (hidden.to(dtype).to(**to), weight.to(dtype).to(**to),
+            b.to(dtype).to(**to) if b is not None else None, labels.to(**to))
+
+
+def run(fn, hidden, weight, bias, labels, grad_seq, grad_tok, **kw):
+    """Outputs and (hidden, weight, bias) gradients of fn for the upstream gradients given."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logp, tok = fn(leaves[0], leaves[1], labels, bias=leaves[2], return_token_logps=True, **kw)
+    loss = (logp * grad_seq.to(logp.dtype)).sum() + (tok * grad_tok.to(tok.dtype)).sum()
+    loss.backward()
+    return [logp.detach(), tok.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def assert_close_to_truth(name, ours, lowp, truth, dtype):
+    ours, lowp, truth = ours.double(), lowp.double(), truth.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - truth).abs().max().item()
+    base = (lowp - truth).abs().max().item()
+    bound = 2 * base + TOL[dtype] * max(truth.abs().max().item(), 1.0)
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch low-precision error {base:.3g})"
+
+
+CASES = [  # (leading dims, T, D, V, dtype, reduction, bias)
+    ((5,), 37, 48, 211, torch.float32, "mean", True),
+    ((2, 3), 37, 48, 211, torch.float16, "sum", False),
+    ((2, 1), 37, 48, 211, torch.bfloat16, "mean", True),
+    ((1, 8), 19, 40, 173, torch.float32, "sum", True),
+    ((2, 2, 2), 11, 33, 97, torch.bfloat16, "sum", True),
+    ((3, 4), 64, 64, 256, torch.float16, "mean", True),
+    ((1,), 1, 16, 5, torch.float32, "mean", False),
+    ((2, 5), 23, 48, 211, torch.bfloat16, "mean", False),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lead,T,D,V,dtype,reduction,bias", CASES, ids=lambda x: str(x).replace(" ", ""))
+def test_matches_fp64_reference(device, impl, lead, T, D, V, dtype, reduction, bias):
+    hidden, weight, b, labels = make_inputs(lead, T, D, V, dtype, device, bias=bias, seed=hash((lead, T)) % 1000)
+    g = torch.Generator().manual_seed(1)
+    grad_seq = torch.randn(*lead, generator=g).to(device)
+    grad_tok = torch.randn(*lead, T, generator=g).to(device)
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, grad_seq, grad_tok, reduction=reduction,
+               impl=impl, vocab_chunk_size=64)
+    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, grad_seq, grad_tok, reduction=reduction)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(),
+                b.double() if b is not None else None, labels, grad_seq, grad_tok, reduction=reduction)
+    for name, o, lo, tr in zip(["logp", "token_logps", "d_hidden", "d_weight", "d_bias"], ours, lowp, truth):
+        if tr is None:
+            assert o is None
+            continue
+        assert o.dtype == (torch.float32 if name.endswith("logp") or name == "token_logps" else dtype), name
+        assert o.shape == tr.shape, name
+        assert_close_to_truth(name, o, lo, tr, dtype)
+    assert (ours[1][labels == -100] == 0).all(), "ignored positions must have token log-prob 0"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_vocab_chunk_does_not_change_result(device, impl, chunk):
+    hidden, weight, b, labels = make_inputs((2, 3), 13, 24, 71, torch.float32, device)
+    g = torch.Generator().manual_seed(2)
+    gs, gt = torch.randn(2, 3, generator=g).to(device), torch.randn(2, 3, 13, generator=g).to(device)
+    a = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=chunk)
+    r = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    for x, y in zip(a, r):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_repeated_calls_are_bitwise_equal(device, impl):
+    hidden, weight, b, labels = make_inputs((2, 3), 37, 48, 211, torch.bfloat16, device)
+    gs, gt = torch.randn(2, 3, device=device), torch.randn(2, 3, 37, device=device)
+    first = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=64)
+    second = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=64)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_weight_skips_weight_gradient(device, impl, monkeypatch):
+    hidden, weight, _, labels = make_inputs((2, 2), 17, 32, 67, torch.float32, device, bias=False)
+    seen = []
+    real_bwd = sl.sequence_logprob_bwd
+    monkeypatch.setattr(sl, "sequence_logprob_bwd", lambda *a: seen.append(a[7]) or real_bwd(*a))
+    h = hidden.clone().requires_grad_()
+    fused_sequence_likelihood(h, weight, labels, impl=impl).sum().backward()
+    assert seen == [(True, False, False)]
+    h64 = hidden.double().requires_grad_()
+    sequence_likelihood_reference(h64, weight.double(), labels).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+    # and the other way round: a frozen trunk (hidden without grad) skips the hidden gradient
+    seen.clear()
+    w = weight.clone().requires_grad_()
+    fused_sequence_likelihood(hidden, w, labels, impl=impl).sum().backward()
+    assert seen == [(False, True, False)]
+    assert w.grad is not None and hidden.grad is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_only_saves_nothing(device, impl, monkeypatch):
+    hidden, weight, b, labels = make_inputs((2, 3), 17, 32, 67, torch.float16, device)
+    hidden.requires_grad_()
+    monkeypatch.setattr(sl.SequenceLikelihoodFunction, "apply", None)  # any autograd use would fail
+    with torch.no_grad():
+        logp = fused_sequence_likelihood(hidden, weight, labels, bias=b, impl=impl)
+    assert logp.grad_fn is None and logp.dtype == torch.float32
+    ref = sequence_likelihood_reference(hidden.double(), weight.double(), labels, bias=b.double())
+    torch.testing.assert_close(logp.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_sequence_raises_naming_its_index(device, impl):
+    hidden, weight, _, labels = make_inputs((2, 3), 9, 16, 31, torch.float32, device, bias=False)
+    labels[1, 2] = -100
+    with pytest.raises(ValueError, match=r"sequence \[1, 2\] has no target tokens"):
+        fused_sequence_likelihood(hidden, weight, labels, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_padding_sequences_are_nan_never_zero(device, impl, reduction):
+    hidden, weight, _, labels = make_inputs((2, 3), 9, 16, 31, torch.float32, device, bias=False)
+    labels[0, 2] = -100
+    mask = torch.ones(2, 3, dtype=torch.bool, device=device)
+    mask[0, 2] = False
+    h = hidden.clone().requires_grad_()
+    logp = fused_sequence_likelihood(h, weight, labels, sequence_mask=mask, reduction=reduction, impl=impl)
+    assert torch.isnan(logp[0, 2]) and torch.isfinite(logp[mask]).all()
+    # A loss that masks the padding gets finite gradients and none on the padding's positions.
+    torch.where(mask, logp, 0.0).sum().backward()
+    assert torch.isfinite(h.grad).all() and (h.grad[0, 2] == 0).all()
+    # Without validation an empty sequence is NaN as well, whatever the mask.
+    unchecked = fused_sequence_likelihood(hidden, weight, labels, validate=False, reduction=reduction, impl=impl)
+    assert torch.isnan(unchecked[0, 2])
+    # A sequence the mask calls real still raises.
+    mask[0, 2], mask[1, 0] = True, False
+    with pytest.raises(ValueError, match=r"sequence \[0, 2\]"):
+        fused_sequence_likelihood(hidden, weight, labels, sequence_mask=mask, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_label_without_validation_is_nan(device, impl):
+    hidden, weight, _, labels = make_inputs((3,), 9, 16, 31, torch.float32, device, bias=False)
+    labels[1, -1] = 31
+    out = fused_sequence_likelihood(hidden, weight, labels, validate=False, impl=impl)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_logits_are_stable(device, impl):
+    hidden, weight, b, labels = make_inputs((2, 2), 21, 32, 97, torch.float32, device, scale=40.0)
+    gs, gt = torch.ones(2, 2, device=device), torch.zeros(2, 2, 21, device=device)
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=32)
+    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    assert truth[0].min() < -100  # logits in the hundreds: a naive exp would overflow
+    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
+        assert_close_to_truth(name, o, lo, t, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs_and_int32_labels(device, impl):
+    hidden, weight, b, labels = make_inputs((2, 3), 20, 32, 67, torch.float32, device)
+    h = hidden[:, :, :-1]  # the usual [:, :-1] shift: non-contiguous
+    y = labels[:, :, 1:].to(torch.int32)
+    ours = fused_sequence_likelihood(h, weight, y, bias=b, impl=impl)
+    ref = sequence_likelihood_reference(h.double(), weight.double(), y.long(), bias=b.double())
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_casts_like_linear(device, impl):
+    hidden, weight, b, labels = make_inputs((2, 2), 9, 32, 67, torch.float32, device)
+    w = weight.clone().requires_grad_()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = fused_sequence_likelihood(hidden, w, labels, bias=b, impl=impl)
+    out.sum().backward()
+    assert w.grad.dtype == torch.float32  # flows back to the fp32 master weight
+    ref = fused_sequence_likelihood(hidden.bfloat16(), weight.bfloat16(), labels, bias=b.bfloat16(), impl=impl)
+    torch.testing.assert_close(out, ref)
+
+
+def test_impls_agree_and_torch_path_handles_float64(device):
+    hidden, weight, b, labels = make_inputs((2, 3), 15, 24, 50, torch.float64, device)
+    out = fused_sequence_likelihood(hidden, weight, labels, bias=b)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, sequence_likelihood_reference(hidden, weight, labels, bias=b))
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, w: fused_sequence_likelihood(h, w, labels, bias=b, reduction="sum", vocab_chunk_size=16,
+                                               return_token_logps=True),
+        (h, w), eps=1e-6, atol=1e-6)
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+BAD = {
+    "hidden_dtype": (dict(hidden=lambda h: h.long()), TypeError, "hidden must be"),
+    "weight_dtype": (dict(weight=lambda w: w.half()), TypeError, "weight dtype"),
+    "bias_dtype": (dict(bias=lambda b: b.half()), TypeError, "bias dtype"),
+    "float_labels": (dict(labels=lambda y: y.float()), TypeError, "labels must be an integer"),
+    "bool_labels": (dict(labels=lambda y: y > 0), TypeError, "labels must be an integer"),
+    "labels_shape": (dict(labels=lambda y: y[:, :, :-1]), ValueError, "labels shape"),
+    "hidden_D": (dict(hidden=lambda h: h[..., :-1]), ValueError, "hidden's last dim"),
+    "weight_rank": (dict(weight=lambda w: w[None]), ValueError, r"weight must be \[V, D\]"),
+    "hidden_rank": (dict(hidden=lambda h: h[0, 0, 0], labels=lambda y: y[0, 0, 0]), ValueError, "hidden must be"),
+    "bias_shape": (dict(bias=lambda b: b[:-1]), ValueError, r"bias must be \[V\]"),
+    "label_too_big": (dict(labels=lambda y: y.index_put((torch.tensor(1), torch.tensor(2), torch.tensor(4)),
+                                                        torch.tensor(31))), ValueError,
+                      r"labels\[1, 2, 4\] = 31 is outside \[0, V=31\)"),
+    "label_negative": (dict(labels=lambda y: y.index_put((torch.tensor(0), torch.tensor(1), torch.tensor(8)),
+                                                         torch.tensor(-5))), ValueError, r"labels\[0, 1, 8\] = -5"),
+    "not_a_tensor": (dict(weight=lambda w: w.tolist()), TypeError, "weight must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_names_the_argument(case):
+    hidden, weight, b, labels = make_inputs((2, 3), 9, 16, 31, torch.float32, "cpu")
+    change, exc, msg = BAD[case]
+    args = dict(hidden=hidden, weight=weight, bias=b, labels=labels)
+    for k, f in change.items():
+        args[k] = f(args[k])
+    with pytest.raises(exc, match=msg):
+        fused_sequence_likelihood(args["hidden"], args["weight"], args["labels"], bias=args["bias"])
+    with pytest.raises(exc, match=msg):  # the twin checks the same way
+        sequence_likelihood_reference(args["hidden"], args["weight"], args["labels"], bias=args["bias"])
+
+
+def test_bad_options():
+    hidden, weight, _, labels = make_inputs((2,), 9, 16, 31, torch.float32, "cpu", bias=False)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_sequence_likelihood(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_sequence_likelihood(hidden, weight, labels, reduction="avg", validate=False)
+    with pytest.raises(ValueError, match="impl must be"):
+        fused_sequence_likelihood(hidden, weight, labels, impl="cuda")
+    with pytest.raises(ValueError, match="vocab_chunk_size must be positive"):
+        fused_sequence_likelihood(hidden, weight, labels, vocab_chunk_size=0)
+    with pytest.raises(ValueError, match="sequence_mask shape"):
+        fused_sequence_likelihood(hidden, weight, labels, sequence_mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="sequence_mask must be a bool"):
+        fused_sequence_likelihood(hidden, weight, labels, sequence_mask=torch.ones(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch_names_tensors():
+    hidden, weight, _, labels = make_inputs((2,), 9, 16, 31, torch.float32, "cpu", bias=False)
+    with pytest.raises(ValueError, match="one device"):
+        fused_sequence_likelihood(hidden.cuda(), weight, labels.cuda())
+
+
+def test_public_api():
+    assert mppo_kernels.fused_sequence_likelihood is fused_sequence_likelihood
+    assert mppo_kernels.reference.sequence_likelihood_reference is sequence_likelihood_reference
+    assert isinstance(mppo_kernels.__version__, str)
+    assert "F.linear(hidden, weight, bias)" in fused_sequence_likelihood.__doc__  # states its torch twin
+
+
+# --- property test ----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    T=st.integers(1, 24), D=st.integers(1, 40), V=st.integers(2, 150),
+    reduction=st.sampled_from(["mean", "sum"]), bias=st.booleans(),
+    impl=st.sampled_from(IMPLS), chunk=st.integers(1, 200), seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(device, lead, T, D, V, reduction, bias, impl, chunk, seed):
+    hidden, weight, b, labels = make_inputs(tuple(lead), T, D, V, torch.float32, device, bias=bias, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.randn(*lead, generator=g).to(device)
+    gt = torch.randn(*lead, T, generator=g).to(device)
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, reduction=reduction, impl=impl,
+               vocab_chunk_size=chunk)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(),
+                b.double() if b is not None else None, labels, gs, gt, reduction=reduction)
+    for o, t in zip(ours, truth):
+        if t is None:
+            assert o is None
+        else:
+            torch.testing.assert_close(o.double(), t, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_larger_shapes(device, impl, dtype):
+    hidden, weight, b, labels = make_inputs((2, 4), 129, 256, 1031, dtype, device)
+    gs, gt = torch.randn(2, 4, device=device), torch.randn(2, 4, 129, device=device)
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=300)
+    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
+        assert_close_to_truth(name, o, lo, t, dtype)
