@@ -308,7 +308,8 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
     if n:
         # The torch path works in fp32 throughout; the Triton path hands dZ to cuBLAS in the input dtype,
         # which is what torch's own backward of a bf16 linear layer does with its logit gradient.
-        h_rows = hidden2d.index_select(0, rows)  # [n, D]
+        # [n, D] copy of the scored rows: the dW GEMM's operand (and the torch path's logits input).
+        h_rows = hidden2d.index_select(0, rows) if (need_w or impl == "torch") else None
         h_acc = h_rows.to(acc) if impl == "torch" else None
         flags, interp = _launch_args(hidden2d, weight) if impl == "triton" else ({}, False)
         for v_lo in range(0, V, vocab_chunk):

@@ -226,12 +226,12 @@ def test_impls_agree_and_torch_path_handles_float64(device):
     out = fused_sequence_likelihood(hidden, weight, labels, bias=b)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, sequence_likelihood_reference(hidden, weight, labels, bias=b))
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+    hidden, weight, b, labels = make_inputs((2,), 5, 6, 11, torch.float64, device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
     assert torch.autograd.gradcheck(
-        lambda h, w: fused_sequence_likelihood(h, w, labels, bias=b, reduction="sum", vocab_chunk_size=16,
-                                               return_token_logps=True),
-        (h, w), eps=1e-6, atol=1e-6)
+        lambda h, w, b: fused_sequence_likelihood(h, w, labels, bias=b, reduction="sum", vocab_chunk_size=4,
+                                                  return_token_logps=True),
+        leaves, eps=1e-6, atol=1e-6)
 
 
 # --- bad input --------------------------------------------------------------------------------------------
