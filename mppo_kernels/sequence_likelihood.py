@@ -183,7 +183,8 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
             f"{dtype} on {device}{'' if triton is not None else ' without triton installed'}"
         )
     if impl == "auto":
-        return "triton" if triton_ok else "torch"
+        # The interpreter is for testing the kernels (asked for with impl="triton"), never a CPU default.
+        return "triton" if triton_ok and device.type == "cuda" else "torch"
     return impl
 
 
@@ -440,7 +441,7 @@ def fused_sequence_likelihood(
         vocab_chunk_size: vocabulary columns whose logit gradient the backward holds at once
             (memory ``n_tokens x chunk`` in the input dtype; default 4096).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked, any device,
-            fp32 math; the CPU path) or ``"auto"``.
+            fp32 math; the CPU path) or ``"auto"`` (Triton on CUDA, else torch).
 
     Returns:
         ``[...]`` float32 per-sequence log-likelihood (float64 for float64 inputs), and the ``[..., T]``

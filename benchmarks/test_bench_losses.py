@@ -1,0 +1,56 @@
+"""pytest-benchmark: end-to-end preference losses (hidden states -> scalar loss, forward and forward+backward).
+
+Compares ``mppo_kernels.fused_loss.fused_preference_loss`` (ours) with the two-stage naive path (reference
+log-likelihoods, then ``mppo_kernels.losses.preference_loss``) and, for SimPO with K = 2, Liger's
+``LigerFusedLinearSimPOLoss`` (beta 2.0, gamma 1.0, no NLL term). Providers whose modules are not there
+yet, or not installed, are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import flops, make_case, peak_extra_bytes, synced
+from benchmarks.conftest import DEVICE
+from benchmarks.providers import loss_providers, make_call, order_chosen_first
+
+PROVIDERS = loss_providers()
+
+if DEVICE.type == "cuda":
+    CASES = [("pair_mnm", make_case("llama3-8b", 4096, 4, "bf16")), ("simpo", make_case("llama3-8b", 4096, 2, "bf16"))]
+else:
+    CASES = [("pair_mnm", make_case("llama3-8b/16", 512, 4, "fp32")), ("simpo", make_case("llama3-8b/16", 512, 2, "fp32"))]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("loss,case", [pytest.param(n, c, id=f"{n}-{c.head.replace('/', '_')}-N{c.tokens}-K{c.K}-{c.dtype}") for n, c in CASES])
+def test_preference_loss(benchmark, case_inputs, loss, case, provider, mode):
+    p = PROVIDERS[provider]
+    why = p.unavailable(DEVICE, case.K, case.dtype, mode)
+    if why is None and p.extra.get("only_loss") not in (None, loss):
+        why = f"unsupported: {provider} has only {p.extra['only_loss']}"
+    if why:
+        pytest.skip(why)
+    hidden, weight, labels, stats = case_inputs(case)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randint(1, 11, (case.B, case.K), generator=gen).float() + torch.rand(case.B, case.K, generator=gen)
+    hidden, labels, scores = order_chosen_first(hidden, labels, scores.to(DEVICE))
+
+    def fn(h, w, y):
+        return p.fn(loss, h, w, y, scores)
+
+    call, grads = make_call(fn, hidden, weight, labels, mode, torch.ones((), device=DEVICE))
+    synced(call, grads, DEVICE)()  # warm-up: compile / autotune before the memory measurement
+    benchmark.group = f"loss {loss} {case.key()} {mode}"
+    benchmark.extra_info.update(
+        case=case.asdict(), loss=loss, provider=provider, mode=mode, valid_tokens=stats["valid_tokens"],
+        peak_extra_bytes=peak_extra_bytes(call, DEVICE, grads),
+    )
+    out = benchmark(synced(call, grads, DEVICE))
+    if mode == "fwd":
+        assert torch.isfinite(out).all(), "loss is not finite"
+    if getattr(benchmark, "stats", None):
+        median_s = benchmark.stats.stats.median
+        benchmark.extra_info["tflops_useful"] = flops(mode, stats["valid_tokens"], case.D, case.V) / median_s / 1e12
