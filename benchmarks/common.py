@@ -297,7 +297,8 @@ def run_stamp(device) -> dict:
     """Device, date, versions and git commit for every results file."""
     import triton
 
-    commit = _git("rev-parse", "HEAD")
+    # A copy of the tree without .git (e.g. shipped to a GPU machine) gets the commit from the environment.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("MPPO_GIT_COMMIT")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     device = torch.device(device)
     return {

@@ -99,7 +99,7 @@ if triton is not None:
     def sequence_logprob_fwd_kernel(
         p_h, p_w, p_b, p_rows, p_y,         # hidden [N, D], weight [V, D], bias [V], rows [n], targets [n]
         p_m, p_s, p_tgt,                    # out: split max [S, n], split sum-exp [S, n], target logit [n]
-        n, V, D, N_SPLITS,
+        n, V, D,
         stride_h, stride_w,
         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -110,8 +110,8 @@ if triton is not None:
         m_m = o_m < n
         rows = tl.load(p_rows + o_m, mask=m_m, other=0)
         b_y = tl.load(p_y + o_m, mask=m_m, other=-1)
-        # Splitting the vocabulary gives the GPU enough programs when there are few token blocks.
-        v_per_split = tl.cdiv(tl.cdiv(V, N_SPLITS), BLOCK_N) * BLOCK_N
+        # Splitting the vocabulary gives the GPU enough programs, and whole waves of them (_vocab_splits).
+        v_per_split = tl.cdiv(tl.cdiv(V, tl.num_programs(1)), BLOCK_N) * BLOCK_N
         v_lo = i_s * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
         b_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -197,26 +197,44 @@ def _launch_args(hidden2d: torch.Tensor, weight: torch.Tensor):
     return {"DOT_F32": interp, "PRECISION": precision}, interp
 
 
+_MAX_SPLITS = 32
+
+
+def _vocab_splits(m_blocks: int, V: int, block_n: int, sms: int) -> int:
+    """Vocabulary splits of the forward grid ``(m_blocks, splits)``: the count that fills the last wave of
+    programs best (fewest splits among near-ties), each split at least two vocabulary tiles long.
+
+    A partly empty last wave is what costs: 24 token blocks x 6 splits on 132 SMs is 1.09 waves and runs
+    at ~55 % of the rate of 24 x 11 = 264 programs (exactly 2 waves).
+    """
+    cap = max(1, min(_MAX_SPLITS, triton.cdiv(V, 2 * block_n)))
+    fill = [m_blocks * s / (triton.cdiv(m_blocks * s, sms) * sms) for s in range(1, cap + 1)]
+    best = max(fill)
+    return next(s for s, f in enumerate(fill, 1) if f >= 0.98 * best)
+
+
 def _fwd_triton(hidden2d, weight, bias, rows, targets):
     n, (V, D) = rows.numel(), weight.shape
     flags, interp = _launch_args(hidden2d, weight)
-    if interp:
-        n_splits = max(1, min(triton.cdiv(V, _INTERPRETER_BLOCKS["BLOCK_N"]), 3))
-    else:
-        # About two waves of programs, counted with the smallest BLOCK_M the autotuner may pick.
-        m_blocks = triton.cdiv(n, 64)
-        n_splits = max(1, min(triton.cdiv(V, 256), triton.cdiv(2 * _num_sms(hidden2d.device.index or 0), m_blocks)))
-    split_max = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
-    split_sum = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
+    # Rows of splits that are not launched keep (max -inf, sum 0) and drop out of the merge below.
+    n_rows = max(1, min(3, triton.cdiv(V, _INTERPRETER_BLOCKS["BLOCK_N"]))) if interp else \
+        max(1, min(_MAX_SPLITS, triton.cdiv(V, 128)))
+    split_max = torch.full((n_rows, n), float("-inf"), device=hidden2d.device, dtype=torch.float32)
+    split_sum = torch.zeros((n_rows, n), device=hidden2d.device, dtype=torch.float32)
     # NaN stays for a target that is out of range when validation is off: never a silent number.
     target_logit = torch.full((n,), float("nan"), device=hidden2d.device, dtype=torch.float32)
     args = (hidden2d, weight, bias if bias is not None else weight, rows, targets, split_max, split_sum,
-            target_logit, n, V, D, n_splits, hidden2d.stride(0), weight.stride(0))
+            target_logit, n, V, D, hidden2d.stride(0), weight.stride(0))
     if interp:
-        grid = (triton.cdiv(n, _INTERPRETER_BLOCKS["BLOCK_M"]), n_splits)
+        grid = (triton.cdiv(n, _INTERPRETER_BLOCKS["BLOCK_M"]), n_rows)
         sequence_logprob_fwd_kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **_INTERPRETER_BLOCKS)
     else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits)  # noqa: E731
+        sms = _num_sms(hidden2d.device.index or 0)
+
+        def grid(meta):
+            m_blocks = triton.cdiv(n, meta["BLOCK_M"])
+            return (m_blocks, min(n_rows, _vocab_splits(m_blocks, V, meta["BLOCK_N"], sms)))
+
         _fwd_tuned[grid](*args, HAS_BIAS=bias is not None, **flags)
     top = split_max.max(0).values
     lse = top + (split_sum * torch.exp(split_max - top)).sum(0).log()
@@ -244,6 +262,34 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 def _logits_torch(h_acc, weight, bias, v_lo, v_hi):
     z = h_acc @ weight[v_lo:v_hi].to(h_acc.dtype).T
     return z if bias is None else z + bias[v_lo:v_hi].to(h_acc.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mixed_addmm(device_index: int) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=float32)`` takes bf16/fp16 operands into an fp32 output here
+    (CUDA, torch >= 2.9): cuBLAS then accumulates into the fp32 buffer in the GEMM's epilogue."""
+    try:
+        dev = torch.device("cuda", device_index)
+        acc = torch.ones(2, 2, device=dev)
+        a = torch.ones(2, 2, device=dev, dtype=torch.bfloat16)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 3).all())
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in fp32 and ``a``, ``b`` possibly bf16/fp16.
+
+    The fallback rounds each chunk's partial product to the input dtype before the fp32 sum, and moves
+    the [n, D] partial through memory twice more; the fused form avoids both where torch supports it.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _has_mixed_addmm(a.device.index or 0):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
 
 
 def _compact(labels: torch.Tensor, ignore_index: int):
@@ -310,7 +356,9 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
         # The torch path works in fp32 throughout; the Triton path hands dZ to cuBLAS in the input dtype,
         # which is what torch's own backward of a bf16 linear layer does with its logit gradient.
         # [n, D] copy of the scored rows: the dW GEMM's operand (and the torch path's logits input).
-        h_rows = hidden2d.index_select(0, rows) if (need_w or impl == "torch") else None
+        # Every position scored (rows is arange): the hidden states are the operand already, no copy.
+        all_rows = n == hidden2d.shape[0]
+        h_rows = (hidden2d if all_rows else hidden2d.index_select(0, rows)) if (need_w or impl == "torch") else None
         h_acc = h_rows.to(acc) if impl == "torch" else None
         flags, interp = _launch_args(hidden2d, weight) if impl == "triton" else ({}, False)
         for v_lo in range(0, V, vocab_chunk):
@@ -334,10 +382,13 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
                 onehot = torch.zeros_like(z).scatter_(1, torch.where(inside, local, 0)[:, None], inside[:, None].to(acc))
                 dz = grad_tokens[:, None].to(acc) * (onehot - torch.exp(z - lse[:, None]))
                 w_chunk, h_chunk = weight[v_lo:v_hi].to(acc), h_acc
-            if need_w:
-                d_weight[v_lo:v_hi] = dz.T @ h_chunk  # complete for this chunk: no cross-chunk accumulation
+            if need_w:  # complete for this chunk: no cross-chunk accumulation
+                if dz.dtype == d_weight.dtype:
+                    torch.mm(dz.T, h_chunk, out=d_weight[v_lo:v_hi])  # no temporary
+                else:  # the torch path's fp32 product, rounded to the weight dtype
+                    d_weight[v_lo:v_hi] = dz.T @ h_chunk
             if need_h:
-                d_hidden_rows += dz @ w_chunk  # a bf16 partial per chunk, summed in fp32
+                _addmm_acc_(d_hidden_rows, dz, w_chunk)
             if need_b:
                 d_bias[v_lo:v_hi] = dz.sum(0, dtype=acc)
     d_hidden = None

@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 from mppo_kernels import sequence_likelihood as sl
 
 SIGNATURES = {
-    sl.sequence_logprob_fwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 6,
+    sl.sequence_logprob_fwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
     sl.sequence_logprob_bwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*{dt}"] + ["i32"] * 7,
 }
 

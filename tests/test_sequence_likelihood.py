@@ -353,3 +353,15 @@ def test_kernels_compile_for_gpu_targets():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_")]
     assert len(lines) == 8 and all("tensor_cores=True" in line for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(sl.triton is None, reason="needs triton")
+def test_vocab_splits_fill_whole_waves():
+    # 24 token blocks on 132 SMs: 11 splits make exactly two waves (6 would leave the second nearly empty).
+    assert sl._vocab_splits(24, 128256, 256, 132) == 11
+    for m_blocks in (1, 7, 64, 300, 1563):
+        s = sl._vocab_splits(m_blocks, 128256, 256, 132)
+        assert 1 <= s <= sl._MAX_SPLITS
+        programs = m_blocks * s
+        assert programs / (-(-programs // 132) * 132) >= 0.9 or s == sl._MAX_SPLITS
+    assert sl._vocab_splits(4, 300, 256, 132) == 1  # a vocabulary of two tiles is not split further
