@@ -81,12 +81,12 @@ def main(argv=None):
         def gemm_dw():
             for v_lo in range(0, V, chunk):
                 v_hi = min(v_lo + chunk, V)
-                dw[v_lo:v_hi] = dz[:, : v_hi - v_lo].T @ hidden
+                torch.mm(dz[:, : v_hi - v_lo].T, hidden, out=dw[v_lo:v_hi])
 
         def gemm_dh():
             for v_lo in range(0, V, chunk):
                 v_hi = min(v_lo + chunk, V)
-                dh.add_(dz[:, : v_hi - v_lo] @ weight[v_lo:v_hi])
+                sl._addmm_acc_(dh, dz[:, : v_hi - v_lo], weight[v_lo:v_hi])
 
         emit(f"dW GEMMs, chunk {chunk}", _ms(gemm_dw), flop)
         emit(f"dH GEMMs (+fp32 accumulate), chunk {chunk}", _ms(gemm_dh), flop)

@@ -63,6 +63,10 @@ def _gpu_configs():
 
 # Small tiles under the interpreter so that odd test shapes cross several tiles and splits.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}
+# Below this many logits (n x V) a fixed config is used: autotuning (compiling and timing every config
+# for each new shape) costs far more than it could win on a problem this small.
+_AUTOTUNE_MIN_LOGITS = 1 << 24
+_SMALL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,9 +217,19 @@ def _vocab_splits(m_blocks: int, V: int, block_n: int, sms: int) -> int:
     return next(s for s, f in enumerate(fill, 1) if f >= 0.98 * best)
 
 
+def _kernel(plain, tuned, n: int, V: int, interp: bool):
+    """``(kernel, launch kwargs)``: the autotuned kernel for LM-head sized problems, else a fixed config."""
+    if interp:
+        return plain, _INTERPRETER_BLOCKS
+    if n * V < _AUTOTUNE_MIN_LOGITS:
+        return plain, _SMALL_CONFIG
+    return tuned, {}
+
+
 def _fwd_triton(hidden2d, weight, bias, rows, targets):
     n, (V, D) = rows.numel(), weight.shape
     flags, interp = _launch_args(hidden2d, weight)
+    kernel, config = _kernel(sequence_logprob_fwd_kernel, _fwd_tuned, n, V, interp)
     # Rows of splits that are not launched keep (max -inf, sum 0) and drop out of the merge below.
     n_rows = max(1, min(3, triton.cdiv(V, _INTERPRETER_BLOCKS["BLOCK_N"]))) if interp else \
         max(1, min(_MAX_SPLITS, triton.cdiv(V, 128)))
@@ -227,7 +241,6 @@ def _fwd_triton(hidden2d, weight, bias, rows, targets):
             target_logit, n, V, D, hidden2d.stride(0), weight.stride(0))
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_BLOCKS["BLOCK_M"]), n_rows)
-        sequence_logprob_fwd_kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **_INTERPRETER_BLOCKS)
     else:
         sms = _num_sms(hidden2d.device.index or 0)
 
@@ -235,7 +248,7 @@ def _fwd_triton(hidden2d, weight, bias, rows, targets):
             m_blocks = triton.cdiv(n, meta["BLOCK_M"])
             return (m_blocks, min(n_rows, _vocab_splits(m_blocks, V, meta["BLOCK_N"], sms)))
 
-        _fwd_tuned[grid](*args, HAS_BIAS=bias is not None, **flags)
+    kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **config)
     top = split_max.max(0).values
     lse = top + (split_sum * torch.exp(split_max - top)).sum(0).log()
     return lse, target_logit
@@ -360,20 +373,17 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
         all_rows = n == hidden2d.shape[0]
         h_rows = (hidden2d if all_rows else hidden2d.index_select(0, rows)) if (need_w or impl == "torch") else None
         h_acc = h_rows.to(acc) if impl == "torch" else None
-        flags, interp = _launch_args(hidden2d, weight) if impl == "triton" else ({}, False)
+        if impl == "triton":
+            flags, interp = _launch_args(hidden2d, weight)
+            kernel, config = _kernel(sequence_logprob_bwd_kernel, _bwd_tuned, n, V, interp)
         for v_lo in range(0, V, vocab_chunk):
             v_hi = min(v_lo + vocab_chunk, V)
             if impl == "triton":
                 dz = torch.empty((n, v_hi - v_lo), device=hidden.device, dtype=dtype)
                 args = (hidden2d, weight, bias if bias is not None else weight, rows, targets, lse, grad_tokens,
                         dz, n, v_lo, v_hi, D, hidden2d.stride(0), weight.stride(0), dz.stride(0))
-                if interp:
-                    grid = (triton.cdiv(n, _INTERPRETER_BLOCKS["BLOCK_M"]),
-                            triton.cdiv(v_hi - v_lo, _INTERPRETER_BLOCKS["BLOCK_N"]))
-                    sequence_logprob_bwd_kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **_INTERPRETER_BLOCKS)
-                else:
-                    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_N"]))  # noqa: E731,B023
-                    _bwd_tuned[grid](*args, HAS_BIAS=bias is not None, **flags)
+                grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_N"]))  # noqa: E731,B023
+                kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **config)
                 w_chunk, h_chunk = weight[v_lo:v_hi], h_rows
             else:
                 z = _logits_torch(h_acc, weight, bias, v_lo, v_hi)

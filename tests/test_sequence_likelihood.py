@@ -365,3 +365,18 @@ def test_vocab_splits_fill_whole_waves():
         programs = m_blocks * s
         assert programs / (-(-programs // 132) * 132) >= 0.9 or s == sl._MAX_SPLITS
     assert sl._vocab_splits(4, 300, 256, 132) == 1  # a vocabulary of two tiles is not split further
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuned kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autotuned_path_on_lm_head_sized_problem(dtype):
+    # n x V above the autotuning threshold: the tuned configs (large tiles, vocabulary splits) run.
+    lead, T, D, V = (2,), 1100, 64, 8200
+    assert 2 * T * V >= sl._AUTOTUNE_MIN_LOGITS
+    hidden, weight, b, labels = make_inputs(lead, T, D, V, dtype, "cuda", prompt=False, holes=False)
+    gs, gt = torch.randn(*lead, device="cuda"), torch.randn(*lead, T, device="cuda")
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt)
+    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
+        assert_close_to_truth(name, o, lo, t, dtype)
