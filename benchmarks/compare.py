@@ -1,6 +1,6 @@
 """Compare per-sequence log-likelihood providers (and end-to-end preference losses) on LM-head shapes.
 
-    python -m benchmarks.compare --quick                  # GPU: Llama-3-8B head, 8k positions, bf16 (~3 min)
+    python -m benchmarks.compare --quick                  # GPU: 6 likelihood + 2 loss cases (~6 min)
     python -m benchmarks.compare                          # GPU: the grid below, stops starting cases at --budget-s
     python -m benchmarks.compare --device cpu --quick     # CPU smoke run on tiny heads (checks the pipeline)
     python -m benchmarks.report benchmarks/results/<device>/results.json   # redo the table and plots
@@ -69,7 +69,11 @@ def default_grid(device: str, quick: bool):
             loss = [(h, 1024, k, "pair_mnm") for k in (2, 4, 8)] + [(h, 1024, 2, "simpo")]
         return lik, loss
     if quick:
-        return [("llama3-8b", 8192, 4, "bf16")], [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
+        # One lease-sized run (~6 min on an H100): every head at 8k positions in bf16, a longer and a
+        # shorter batch, and fp32 once.
+        lik = [(h, 8192, 4, "bf16") for h in HEADS]
+        lik += [("llama3-8b", 32768, 8, "bf16"), ("llama3-8b", 2048, 2, "bf16"), ("llama3-8b", 8192, 4, "fp32")]
+        return lik, [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
     lik = [(h, 8192, 4, "bf16") for h in HEADS]
     lik += [("llama3-8b", 8192, k, "bf16") for k in (2, 8)]
     lik += [(h, n, 4, "bf16") for h in HEADS for n in (2048, 32768)]

@@ -1,0 +1,129 @@
+"""Hidden states to preference loss in one call: the fused sequence-likelihood op, then a loss by name.
+
+Glue only: the op (``mppo_kernels.sequence_likelihood``) gives every response's log-likelihood with the
+reduction the loss declares, and ``mppo_kernels.losses`` holds the loss math and the metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mppo_kernels.losses import check_loss_inputs, preference_loss_and_metrics, resolve_hparams
+from mppo_kernels.sequence_likelihood import fused_sequence_likelihood
+
+__all__ = ["fused_preference_loss", "FusedPreferenceLoss"]
+
+
+def fused_preference_loss(
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    validate: bool = True,
+    impl: str = "auto",
+    vocab_chunk_size: int | None = None,
+    **hparams,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Preference loss ``name`` of B prompts x K responses from last hidden states, without full logits.
+
+    Equals, with ``spec = LOSSES[name]``::
+
+        logps = fused_sequence_likelihood(hidden, weight, labels, bias=bias, reduction=spec.reduction,
+                                          sequence_mask=response_mask)              # [B, K]
+        loss = preference_loss(name, logps, scores, ref_logps=ref_logps, response_mask=response_mask,
+                               **hparams)
+
+    Args:
+        name: a key of ``mppo_kernels.losses.LOSSES`` (14 losses; README has the table).
+        hidden: ``[B, K, T, D]`` last hidden states (fp32 / bf16 / fp16).
+        weight: ``[V, D]`` LM-head weight, dtype of ``hidden``; ``bias`` ``[V]`` or None.
+        labels: ``[B, K, T]`` next-token targets, ``ignore_index`` at prompt and padding positions.
+        scores: ``[B, K]`` response scores, higher is better.
+        ref_logps: ``[B, K]`` reference-model log-likelihoods with ``LOSSES[name].reduction`` (sum for DPO,
+            KTO, MMPO, Multi-DPO, which require it); ignored by losses that need no reference.
+        response_mask: ``[B, K]`` bool, False at padding responses of ragged groups (they may have no
+            target tokens; their NaN log-likelihoods never reach the loss or the gradients).
+        validate: input checks of the op and of the loss (two host syncs); ``False`` skips both.
+        impl, vocab_chunk_size: passed to ``fused_sequence_likelihood``.
+        **hparams: the loss's hyperparameters (``LOSSES[name].defaults``).
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim fp32 loss, and a dict of detached 0-dim fp32 tensors
+        (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+        ``logps/chosen``, ``logps/rejected``, ``mean_p``, ``best_top_accuracy``, and loss-specific
+        extras; see ``mppo_kernels.losses.preference_metrics``).
+
+    Example::
+
+        hidden = model.model(ids.flatten(0, 1), attention_mask=am.flatten(0, 1)).last_hidden_state
+        loss, metrics = fused_preference_loss("pair_mnm", hidden.unflatten(0, (B, K)), model.lm_head.weight,
+                                              labels, scores, response_mask=response_mask)
+        loss.backward()
+    """
+    spec, hp = resolve_hparams(name, hparams)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 4:
+        raise ValueError(f"hidden must be a [B, K, T, D] tensor, got {_describe(hidden)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:3]):
+        raise ValueError(f"labels must be [B, K, T] = {tuple(hidden.shape[:3])}, got {_describe(labels)}")
+    # Cheap checks of the loss's inputs before the expensive op runs.
+    check_loss_inputs(spec, tuple(hidden.shape[:2]), scores, ref_logps, response_mask)
+    logps = fused_sequence_likelihood(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=spec.reduction,
+        sequence_mask=response_mask, validate=validate, vocab_chunk_size=vocab_chunk_size, impl=impl,
+    )  # [B, K]
+    token_counts = (labels != ignore_index).sum(-1)  # [B, K], for mean p of sum-reduction losses
+    return preference_loss_and_metrics(
+        name, logps, scores, ref_logps=ref_logps, response_mask=response_mask, token_counts=token_counts,
+        validate=validate, **hp,
+    )
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+class FusedPreferenceLoss(nn.Module):
+    """``fused_preference_loss`` as a module: the loss name and hyperparameters are fixed at construction.
+
+    Example::
+
+        loss_fn = FusedPreferenceLoss("simpo", beta=2.0, gamma=1.0)
+        loss, metrics = loss_fn(hidden, lm_head.weight, labels, scores, response_mask=mask)
+    """
+
+    def __init__(self, name: str, ignore_index: int = -100, *, validate: bool = True, impl: str = "auto",
+                 vocab_chunk_size: int | None = None, **hparams):
+        super().__init__()
+        self.spec, self.hparams = resolve_hparams(name, hparams)  # unknown names fail here, not mid-training
+        self.name = name
+        self.ignore_index = ignore_index
+        self.validate = validate
+        self.impl = impl
+        self.vocab_chunk_size = vocab_chunk_size
+
+    @property
+    def reduction(self) -> str:
+        return self.spec.reduction
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    def forward(self, hidden, weight, labels, scores, *, bias=None, ref_logps=None, response_mask=None):
+        """``(loss, metrics)``; shapes as in ``fused_preference_loss``."""
+        return fused_preference_loss(
+            self.name, hidden, weight, labels, scores, bias=bias, ref_logps=ref_logps, response_mask=response_mask,
+            ignore_index=self.ignore_index, validate=self.validate, impl=self.impl,
+            vocab_chunk_size=self.vocab_chunk_size, **self.hparams,
+        )
+
+    def extra_repr(self) -> str:
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{self.name!r}, reduction={self.reduction!r}" + (f", {hp}" if hp else "")
