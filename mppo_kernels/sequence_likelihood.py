@@ -226,28 +226,29 @@ def _kernel(plain, tuned, n: int, V: int, interp: bool):
     return tuned, {}
 
 
+def _fwd_grid(n: int, V: int, config: dict, sms: int | None):
+    """``(n_splits, grid)`` of the forward. The split count is fixed before the launch, whatever config
+    the autotuner tries: every config then writes every row of the split buffers, so no row can keep a
+    partial sum from a config tried before the chosen one (the merge would count it twice). It is chosen
+    for the large tiles LM heads tune to; smaller tiles only make more, shorter programs."""
+    if sms is None:  # the interpreter: a few splits, so that tests cross split boundaries
+        n_splits = max(1, min(3, triton.cdiv(V, config["BLOCK_N"])))
+    else:
+        n_splits = _vocab_splits(triton.cdiv(n, config.get("BLOCK_M", 128)), V, config.get("BLOCK_N", 256), sms)
+    return n_splits, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits)
+
+
 def _fwd_triton(hidden2d, weight, bias, rows, targets):
     n, (V, D) = rows.numel(), weight.shape
     flags, interp = _launch_args(hidden2d, weight)
     kernel, config = _kernel(sequence_logprob_fwd_kernel, _fwd_tuned, n, V, interp)
-    # Rows of splits that are not launched keep (max -inf, sum 0) and drop out of the merge below.
-    n_rows = max(1, min(3, triton.cdiv(V, _INTERPRETER_BLOCKS["BLOCK_N"]))) if interp else \
-        max(1, min(_MAX_SPLITS, triton.cdiv(V, 128)))
-    split_max = torch.full((n_rows, n), float("-inf"), device=hidden2d.device, dtype=torch.float32)
-    split_sum = torch.zeros((n_rows, n), device=hidden2d.device, dtype=torch.float32)
+    n_splits, grid = _fwd_grid(n, V, config, None if interp else _num_sms(hidden2d.device.index or 0))
+    split_max = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
+    split_sum = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
     # NaN stays for a target that is out of range when validation is off: never a silent number.
     target_logit = torch.full((n,), float("nan"), device=hidden2d.device, dtype=torch.float32)
     args = (hidden2d, weight, bias if bias is not None else weight, rows, targets, split_max, split_sum,
             target_logit, n, V, D, hidden2d.stride(0), weight.stride(0))
-    if interp:
-        grid = (triton.cdiv(n, _INTERPRETER_BLOCKS["BLOCK_M"]), n_rows)
-    else:
-        sms = _num_sms(hidden2d.device.index or 0)
-
-        def grid(meta):
-            m_blocks = triton.cdiv(n, meta["BLOCK_M"])
-            return (m_blocks, min(n_rows, _vocab_splits(m_blocks, V, meta["BLOCK_N"], sms)))
-
     kernel[grid](*args, HAS_BIAS=bias is not None, **flags, **config)
     top = split_max.max(0).values
     lse = top + (split_sum * torch.exp(split_max - top)).sum(0).log()
