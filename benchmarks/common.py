@@ -298,7 +298,9 @@ def run_stamp(device) -> dict:
     import triton
 
     # A copy of the tree without .git (e.g. shipped to a GPU machine) gets the commit from the environment.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("MPPO_GIT_COMMIT")
+    commit = _git("rev-parse", "HEAD")
+    if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):  # no repo, or one without commits
+        commit = os.environ.get("MPPO_GIT_COMMIT") or None
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     device = torch.device(device)
     return {
