@@ -1,0 +1,158 @@
+"""The trained module: a causal LM whose preference loss is computed inside ``forward`` through the fused op.
+
+Why a wrapper module: the fused op reads the LM-head weight directly (it never calls the head, so full
+``[tokens, V]`` logits are never built). Sharded data-parallel engines only materialize a parameter inside
+the forward of a module that owns it:
+
+- DDP: nothing special; gradients of the head and decoder are all-reduced as usual.
+- FSDP (training/configs/fsdp.yaml, FSDP2): this module is the root (decoder layers become their own units
+  by the transformer auto-wrap policy; embeddings, final norm and LM head stay in the root unit). The root's
+  parameters are all-gathered before ``PreferenceModel.forward`` and again before its backward, exactly as
+  for a plain ``nn.Linear`` head that saves its weight for backward, so the op sees the full head weight.
+- DeepSpeed ZeRO-3: parameters are gathered by per-module forward hooks, and the head's own forward never
+  runs, so the head weight (and bias) is registered as an *external parameter* of this module with
+  ``deepspeed.zero.register_external_parameter``: ZeRO gathers it around this module's forward and backward.
+  ``GatheredParameters`` is not used for training: the op's autograd saves the weight for its backward,
+  which runs after such a context has re-partitioned it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from mppo_kernels import fused_sequence_likelihood
+
+
+def loss_api():
+    """``(LOSSES, preference_loss, fused_preference_loss)`` from the package."""
+    from mppo_kernels.fused_loss import fused_preference_loss
+    from mppo_kernels.losses import LOSSES, preference_loss
+
+    return LOSSES, preference_loss, fused_preference_loss
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft → transformers
+
+
+def decoder_of(model) -> nn.Module:
+    """The decoder backbone (``LlamaModel`` of a ``LlamaForCausalLM``): last hidden states, no logits."""
+    base = _base(model)
+    if hasattr(base, "get_decoder"):
+        dec = base.get_decoder()
+        if dec is not None and dec is not base:
+            return dec
+    return getattr(base, base.base_model_prefix)
+
+
+def head_of(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = _base(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def last_hidden(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    """``[B, K, T, D]`` decoder output; padding responses (``response_mask`` False) are not run, left 0."""
+    B, K, T = input_ids.shape
+    out = decoder_of(model)(
+        input_ids=input_ids[response_mask], attention_mask=attention_mask[response_mask], use_cache=False
+    ).last_hidden_state  # [N, T, D], N = number of real responses
+    hidden = out.new_zeros(B, K, T, out.shape[-1])
+    hidden[response_mask] = out
+    return hidden
+
+
+class PreferenceModel(nn.Module):
+    """Owns the policy (and, when needed, a frozen reference copy) and returns the loss from ``forward``.
+
+    Reference log-probs come, in order of preference, from the batch (``--precompute-ref``), from the
+    policy with its LoRA adapter disabled (no copy), or from a frozen deep copy of the initial model.
+    """
+
+    def __init__(self, model, loss_name: str, *, hparams: dict | None = None, ignore_index: int = -100,
+                 reference: str = "auto", zero3: bool = False):
+        super().__init__()
+        LOSSES, _, _ = loss_api()
+        if loss_name not in LOSSES:
+            raise ValueError(f"unknown loss {loss_name!r}; choose from {sorted(LOSSES)}")
+        if reference not in ("auto", "precomputed"):
+            raise ValueError(f"reference must be 'auto' or 'precomputed', got {reference!r}")
+        self.model = model
+        self.loss_name = loss_name
+        self.spec = LOSSES[loss_name]
+        self.hparams = dict(hparams or {})
+        self.ignore_index = ignore_index
+        self.reference = reference
+        self.uses_adapter_ref = False
+        self.ref_model = None
+        if self.spec.needs_reference and reference == "auto":
+            if hasattr(model, "disable_adapter"):
+                self.uses_adapter_ref = True
+            elif zero3:
+                # Under ZeRO-3 the weights may already be partitioned (zero.Init at load time), and a deep
+                # copy of a partitioned module is not a usable model.
+                raise ValueError(
+                    f"--loss {loss_name} needs reference log-probs; under DeepSpeed ZeRO-3 pass --precompute-ref "
+                    "(computed once with the initial policy) or train a LoRA adapter (--lora-r), whose disabled "
+                    "adapter is the reference")
+            else:
+                self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if zero3:
+            import deepspeed  # only reached under accelerate's DeepSpeed integration, which imports it anyway
+
+            for p in head_of(self.model):
+                if p is not None:
+                    deepspeed.zero.register_external_parameter(self, p)
+
+    def _head(self, model, dtype):
+        weight, bias = head_of(model)
+        return weight.to(dtype), (bias.to(dtype) if bias is not None else None)  # autocast: hidden is bf16
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids, attention_mask, labels, response_mask) -> torch.Tensor:
+        """``[B, K]`` reference log-likelihood (the loss's reduction; NaN at padding) through the op's
+        forward-only path."""
+        if self.uses_adapter_ref:
+            model, ctx = self.model, self.model.disable_adapter()
+        else:
+            model, ctx = (self.ref_model if self.ref_model is not None else self.model), contextlib.nullcontext()
+        with ctx:
+            hidden = last_hidden(model, input_ids, attention_mask, response_mask)
+            weight, bias = self._head(model, hidden.dtype)
+            return fused_sequence_likelihood(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                                             reduction=self.spec.reduction, sequence_mask=response_mask)
+
+    def forward(self, input_ids, attention_mask, labels, scores, response_mask, ref_logps=None,
+                mode: str = "train"):
+        """``mode="train"``: ``(loss, metrics)`` through ``fused_preference_loss``.
+        ``mode="eval"``: ``(loss, logps)`` with ``logps [B, K]`` the mean log-likelihood (NaN at padding).
+        ``mode="ref"``: the reference log-probs ``[B, K]`` for precomputing (policy before training)."""
+        _, preference_loss, fused_preference_loss = loss_api()
+        if mode == "ref":
+            return self.reference_logps(input_ids, attention_mask, labels, response_mask)
+        if self.spec.needs_reference and ref_logps is None:
+            if self.reference == "precomputed":
+                # The policy is no longer the initial model: computing them now would be silently wrong.
+                raise ValueError(f"loss {self.loss_name!r} with reference='precomputed' needs the batch's "
+                                 "ref_logps (the dataset's precomputed column is missing)")
+            ref_logps = self.reference_logps(input_ids, attention_mask, labels, response_mask)
+        if not self.spec.needs_reference:
+            ref_logps = None
+        hidden = last_hidden(self.model, input_ids, attention_mask, response_mask)  # [B, K, T, D]
+        weight, bias = self._head(self.model, hidden.dtype)
+        if mode == "train":
+            return fused_preference_loss(
+                self.loss_name, hidden, weight, labels, scores, bias=bias, ref_logps=ref_logps,
+                response_mask=response_mask, ignore_index=self.ignore_index, **self.hparams)
+        if mode == "eval":
+            sum_logps = fused_sequence_likelihood(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                                                  reduction="sum", sequence_mask=response_mask)  # [B, K]
+            mean_logps = sum_logps / (labels != self.ignore_index).sum(-1).clamp_min(1)
+            logps = mean_logps if self.spec.reduction == "mean" else sum_logps
+            loss = preference_loss(self.loss_name, logps, scores, ref_logps=ref_logps,
+                                   response_mask=response_mask, **self.hparams)
+            return loss, mean_logps
+        raise ValueError(f"mode must be 'train', 'eval' or 'ref', got {mode!r}")
