@@ -60,6 +60,16 @@ def assert_close_to_truth(name, ours, lowp, truth, dtype):
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch low-precision error {base:.3g})"
 
 
+def check_against_truth(hidden, weight, b, labels, gs, gt, dtype, **kw):
+    """Outputs and gradients of the op within the low-precision bound of the fp64 truth; returns the truth."""
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, **kw)
+    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
+        assert_close_to_truth(name, o, lo, t, dtype)
+    return truth
+
+
 CASES = [  # (leading dims, T, D, V, dtype, reduction, bias)
     ((5,), 37, 48, 211, torch.float32, "mean", True),
     ((2, 3), 37, 48, 211, torch.float16, "sum", False),
@@ -191,12 +201,8 @@ def test_out_of_range_label_without_validation_is_nan(device, impl):
 def test_extreme_logits_are_stable(device, impl):
     hidden, weight, b, labels = make_inputs((2, 2), 21, 32, 97, torch.float32, device, scale=40.0)
     gs, gt = torch.ones(2, 2, device=device), torch.zeros(2, 2, 21, device=device)
-    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=32)
-    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
-    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    truth = check_against_truth(hidden, weight, b, labels, gs, gt, torch.float32, impl=impl, vocab_chunk_size=32)
     assert truth[0].min() < -100  # logits in the hundreds: a naive exp would overflow
-    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
-        assert_close_to_truth(name, o, lo, t, torch.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -331,11 +337,7 @@ def test_property_random_shapes(device, lead, T, D, V, reduction, bias, impl, ch
 def test_larger_shapes(device, impl, dtype):
     hidden, weight, b, labels = make_inputs((2, 4), 129, 256, 1031, dtype, device)
     gs, gt = torch.randn(2, 4, device=device), torch.randn(2, 4, 129, device=device)
-    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=300)
-    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
-    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
-    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
-        assert_close_to_truth(name, o, lo, t, dtype)
+    check_against_truth(hidden, weight, b, labels, gs, gt, dtype, impl=impl, vocab_chunk_size=300)
 
 
 @pytest.mark.skipif(sl.triton is None, reason="needs triton")
@@ -375,11 +377,7 @@ def test_autotuned_path_on_lm_head_sized_problem(dtype):
     assert 2 * T * V >= sl._AUTOTUNE_MIN_LOGITS
     hidden, weight, b, labels = make_inputs(lead, T, D, V, dtype, "cuda", prompt=False, holes=False)
     gs, gt = torch.randn(*lead, device="cuda"), torch.randn(*lead, T, device="cuda")
-    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt)
-    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
-    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
-    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
-        assert_close_to_truth(name, o, lo, t, dtype)
+    check_against_truth(hidden, weight, b, labels, gs, gt, dtype)
 
 
 @pytest.mark.skipif(sl.triton is None, reason="needs triton")
