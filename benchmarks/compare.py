@@ -83,6 +83,12 @@ def default_grid(device: str, quick: bool):
     return lik, loss
 
 
+def _error_note(err: Exception) -> str:
+    """``"Type: first line of the message"``, at most 300 characters."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first}"[:300]
+
+
 class Runner:
     def __init__(self, args):
         self.args = args
@@ -190,11 +196,22 @@ class Runner:
         except OOM_ERRORS as err:
             row.update(status="oom", note=str(err).splitlines()[0][:160])
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
-            row.update(status="error", note=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300])
+            row.update(status="error", note=_error_note(err))
         finally:
             del call
             hidden.grad = weight.grad = None
             self.cleanup()
+
+    def measure_or_skip(self, row, why, provider, fn, hidden, weight, labels, mode, upstream, case, stats) -> None:
+        """Measure one (provider, mode) into ``row``, or record why not (unavailable, time budget); emit it."""
+        why_mode = why or provider.unavailable(self.device, case.K, case.dtype, mode)
+        if why_mode is not None:
+            row.update(status=why_mode.split(":")[0], note=why_mode)
+        elif self.over_budget():
+            row.update(status="skipped", note=f"skipped: time budget {self.args.budget_s:.0f} s spent")
+        else:
+            self.measure(row, fn, hidden, weight, labels, mode, upstream, case, stats)
+        self.emit(row)
 
     def case_tensors(self, case):
         hidden32, weight32, labels, stats = self.inputs(case)
@@ -229,19 +246,12 @@ class Runner:
                 except OOM_ERRORS:
                     err = None  # the modes below will say OOM
                 except Exception as e:  # noqa: BLE001
-                    why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    why = f"error: {_error_note(e)}"
                 self.cleanup()
             for mode in self.args.modes:
                 row = self.base_row("likelihood", case, p, mode, stats)
                 row["max_abs_err"] = err
-                why_mode = why or p.unavailable(self.device, case.K, case.dtype, mode)
-                if why_mode is not None:
-                    row.update(status=why_mode.split(":")[0], note=why_mode)
-                elif self.over_budget():
-                    row.update(status="skipped", note=f"skipped: time budget {self.args.budget_s:.0f} s spent")
-                else:
-                    self.measure(row, p.fn, hidden, weight, labels, mode, upstream, case, stats)
-                self.emit(row)
+                self.measure_or_skip(row, why, p, p.fn, hidden, weight, labels, mode, upstream, case, stats)
             self.flush()
         del hidden, weight, labels
         self.cleanup()
@@ -274,19 +284,12 @@ class Runner:
                 except OOM_ERRORS:
                     pass
                 except Exception as e:  # noqa: BLE001
-                    why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    why = f"error: {_error_note(e)}"
                 self.cleanup()
             for mode in ("fwd", "fwd_bwd"):
                 row = self.base_row("loss", case, p, mode, stats, loss=loss_name)
                 row.update(loss_value=value, max_abs_err=diff)
-                why_mode = why or p.unavailable(self.device, case.K, case.dtype, mode)
-                if why_mode is not None:
-                    row.update(status=why_mode.split(":")[0], note=why_mode)
-                elif self.over_budget():
-                    row.update(status="skipped", note=f"skipped: time budget {self.args.budget_s:.0f} s spent")
-                else:
-                    self.measure(row, fn, hidden, weight, labels, mode, upstream, case, stats)
-                self.emit(row)
+                self.measure_or_skip(row, why, p, fn, hidden, weight, labels, mode, upstream, case, stats)
             self.flush()
         self.cleanup()
 
