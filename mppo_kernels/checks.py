@@ -10,6 +10,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum")
+# Integer dtypes whose comparisons torch implements on every device (not uint16/32/64).
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
@@ -38,11 +40,11 @@ def check_sequence_likelihood_inputs(
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an integer tensor (int64; int32, int16, int8 or uint8), got {labels.dtype}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., T, D] with at least 2 dims, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
@@ -76,7 +78,7 @@ def check_sequence_likelihood_inputs(
         devices.add(("sequence_mask", sequence_mask.device))
     if len({d for _, d in devices}) > 1:
         raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=str)))
-    if labels.numel() == 0:
+    if labels.shape[:-1].numel() == 0:  # no sequences at all; T = 0 instead makes every sequence empty
         return
 
     valid = labels != ignore_index

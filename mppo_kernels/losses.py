@@ -88,9 +88,9 @@ class Groups:
     """B prompts x K responses. Tensors are ``[B, K]`` unless noted; padded entries are 0, never NaN."""
 
     logps: torch.Tensor  # compute dtype (fp32, or fp64 for fp64 inputs)
-    scores: torch.Tensor  # compute dtype
+    scores: torch.Tensor  # the caller's dtype: ranked as given, never rounded to the compute dtype
     ref: torch.Tensor | None  # compute dtype, or None when the loss needs no reference
-    mask: torch.Tensor  # bool, real responses
+    mask: torch.Tensor  # bool, real responses (with a finite score)
     best: torch.Tensor  # [B] int64: first real response with the highest score
     worst: torch.Tensor  # [B] int64: first real response with the lowest score
     has_pref: torch.Tensor  # [B] bool: the best score is above the worst (two different real scores)
@@ -119,15 +119,29 @@ class Groups:
 def _groups(logps, scores, ref_logps, response_mask) -> Groups:
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
     mask = response_mask if response_mask is not None else torch.ones_like(logps, dtype=torch.bool)
+    scores = scores.detach()
+    if scores.dtype.is_floating_point:
+        # validate=True refuses a non-finite score at a real response; without the check such a response has no
+        # usable score and is left out as padding is, so it reaches neither the loss nor its gradient.
+        mask = mask & torch.isfinite(scores)
     lp = torch.where(mask, logps.to(dtype), 0.0)
-    s = torch.where(mask, scores.detach().to(dtype), 0.0)
+    # Ranking in fp32 would tie int64 scores 2**24 + 1 and 2**24, or fp64 scores 1e-9 apart.
+    s = torch.where(mask, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     ref = torch.where(mask, ref_logps.to(dtype), 0.0) if ref_logps is not None else None
+    low, high = _extremes(s.dtype, s.device)
     # argmax/argmin return the first extreme index: that is the tie rule for best and worst.
-    best = torch.where(mask, s, -math.inf).argmax(-1)
-    worst = torch.where(mask, s, math.inf).argmin(-1)
+    best = torch.where(mask, s, low).argmax(-1)
+    worst = torch.where(mask, s, high).argmin(-1)
     n_real = mask.sum(-1)
     has_pref = (n_real >= 2) & (s.gather(-1, best[:, None]) > s.gather(-1, worst[:, None])).squeeze(-1)
     return Groups(lp, s, ref, mask, best, worst, has_pref, n_real)
+
+
+def _extremes(dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill values below and above every score of ``dtype``, for ranking with padding left out."""
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    low, high = (-math.inf, math.inf) if dtype.is_floating_point else (info.min, info.max)
+    return torch.tensor(low, dtype=dtype, device=device), torch.tensor(high, dtype=dtype, device=device)
 
 
 def _mean_over_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -141,7 +155,7 @@ def _mean_over_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _point_targets(g: Groups, score_scale: float) -> torch.Tensor:
     # validate=True rejects scores outside [0, score_scale]; the clamp only keeps validate=False bounded.
-    return (g.scores / score_scale).clamp(0.0, 1.0)
+    return (g.scores.double() / score_scale).clamp(0.0, 1.0).to(g.logps.dtype)
 
 
 def point_ce(g: Groups, *, score_scale: float) -> torch.Tensor:
@@ -251,13 +265,14 @@ def multi_dpo(g: Groups, *, beta: float, weighting: str) -> torch.Tensor:
     """
     h = beta * g.logratio()
     pairs = g.pairs()
-    if weighting == "margin":
-        w = torch.where(pairs, g.scores[:, :, None] - g.scores[:, None, :], 0.0)
+    if weighting == "margin":  # normalized in fp64, so huge or close scores give finite, exact weights
+        w = torch.where(pairs, g.scores[:, :, None].double() - g.scores[:, None, :].double(), 0.0)
     else:
-        w = pairs.to(h.dtype)
+        w = pairs.double()
+    total = w.sum((-2, -1), keepdim=True)
+    w = (w / torch.where(total > 0, total, 1.0)).to(h.dtype)
     terms = -F.logsigmoid(h[:, :, None] - h[:, None, :])
-    total = w.sum((-2, -1))
-    return torch.where(pairs, w * terms, 0.0).sum((-2, -1)) / torch.where(total > 0, total, 1.0)
+    return torch.where(pairs, w * terms, 0.0).sum((-2, -1))
 
 
 def simpo(g: Groups, *, beta: float, gamma: float) -> torch.Tensor:
@@ -281,8 +296,8 @@ def orpo(g: Groups, *, lam: float) -> torch.Tensor:
 
 
 def _kto_kl(g: Groups, kl) -> torch.Tensor:
-    if isinstance(kl, torch.Tensor):
-        return kl.detach().to(device=g.logps.device, dtype=g.logps.dtype)
+    if isinstance(kl, torch.Tensor):  # validate=True refuses a negative or NaN one; clamped like the estimate
+        return kl.detach().to(device=g.logps.device, dtype=g.logps.dtype).clamp_min(0.0)
     if kl is not None:
         return g.logps.new_full((), kl)  # a fill, not a host-to-device copy
     mean_ratio = torch.where(g.mask, g.logratio(), 0.0).sum() / g.mask.sum().clamp_min(1)
@@ -315,7 +330,8 @@ def mmpo(g: Groups, *, beta: float, gamma: float) -> torch.Tensor:
     """
     h = beta * g.logratio()
     delta = g.at(h, g.best) - g.at(h, g.worst)
-    q = torch.sigmoid(gamma * (g.at(g.scores, g.best) - g.at(g.scores, g.worst)))
+    gap = g.at(g.scores, g.best).double() - g.at(g.scores, g.worst).double()  # fp64: scores keep their precision
+    q = torch.sigmoid(gamma * gap).to(delta.dtype)
     return -(q * F.logsigmoid(delta) + (1.0 - q) * F.logsigmoid(-delta))
 
 
@@ -551,6 +567,10 @@ def _check_data(spec: LossSpec, hp: dict, logps, scores, ref_logps, response_mas
     checks.append((n_real < spec.min_responses, lambda i: (
         f"prompt {i[0]} has {int(n_real[i])} real response{'s' if int(n_real[i]) != 1 else ''}; "
         f"{spec.name} needs at least {spec.min_responses}")))
+    if isinstance(hp.get("kl"), torch.Tensor):  # a number is checked with the other hyperparameters
+        kl = hp["kl"].detach().to(logps.device)
+        checks.append((~torch.isfinite(kl) | (kl < 0), lambda i: (
+            f"{spec.name} hyperparameter kl = {kl.item()} must be finite and >= 0 (a KL estimate)")))
     if "score_scale" in hp:
         scale = hp["score_scale"]
         checks.append((real & torch.isfinite(s) & ((s < 0) | (s > scale)), lambda i: (

@@ -49,9 +49,11 @@ def sequence_likelihood_reference(
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = F.linear(hidden, weight, bias).to(out_dtype)  # [..., T, V]
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, 0).long()
+    in_range = (labels >= 0) & (labels < weight.shape[0])
+    safe = torch.where(valid & in_range, labels, 0).long()
     token_logps = logits.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.where(valid, token_logps, 0.0)  # [..., T]
+    # An out-of-range label (possible only without validation) is NaN, as in the fused op: never a number.
+    token_logps = torch.where(valid, torch.where(in_range, token_logps, float("nan")), 0.0)  # [..., T]
     count = valid.sum(-1)
     logp = token_logps.sum(-1)
     if reduction == "mean":

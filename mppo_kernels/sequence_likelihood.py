@@ -131,7 +131,10 @@ if triton is not None:
             tl.store(p_tgt + o_m, tl.sum(tl.where(hit, b_z, 0.0), 1),
                      mask=m_m & (b_y >= v0) & (b_y < v0 + BLOCK_N) & (b_y < v_hi))
             b_new = tl.maximum(b_max, tl.max(b_z, 1))
-            b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new[:, None]), 1)
+            # A row whose logits so far are all -inf (a bias banning a block of tokens) has no finite max:
+            # shifting by it would compute exp(-inf - (-inf)) = NaN. Its sum is 0, and any finite shift keeps it 0.
+            b_shift = tl.where(b_new == float("-inf"), 0.0, b_new)
+            b_sum = b_sum * tl.exp(b_max - b_shift) + tl.sum(tl.exp(b_z - b_shift[:, None]), 1)
             b_max = b_new
         tl.store(p_m + i_s * n + o_m, b_max, mask=m_m)
         tl.store(p_s + i_s * n + o_m, b_sum, mask=m_m)
@@ -307,10 +310,10 @@ def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _compact(labels: torch.Tensor, ignore_index: int):
-    """Flat row ids and targets of the positions that are scored. One host sync (the count)."""
+    """Flat row ids and int64 targets of the positions that are scored. One host sync (the count)."""
     flat = labels.reshape(-1)
     rows = (flat != ignore_index).nonzero().squeeze(1)
-    return rows, flat.index_select(0, rows)
+    return rows, flat.index_select(0, rows).long()  # any integer labels; gather and the kernels index with int64
 
 
 def sequence_logprob_fwd(hidden, weight, bias, labels, ignore_index, impl, vocab_chunk):
@@ -433,8 +436,15 @@ class SequenceLikelihoodFunction(torch.autograd.Function):
         return _sequence_reduce(token_logps, count, reduction), token_logps
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_seq, grad_tok):
+        with torch.no_grad():
+            grads = SequenceLikelihoodFunction._backward(ctx, grad_seq, grad_tok)
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad[:3]):
+            grads = _refuse_double_backward(grads)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def _backward(ctx, grad_seq, grad_tok):
         hidden, weight, bias, rows, targets, lse, count = ctx.saved_tensors
         acc = lse.dtype
         T = hidden.shape[-2]
@@ -448,9 +458,29 @@ class SequenceLikelihoodFunction(torch.autograd.Function):
         if grad_tok is not None:
             grad_tokens += grad_tok.reshape(-1).to(acc).index_select(0, rows)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        d_hidden, d_weight, d_bias = sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens,
-                                                          need, ctx.impl, ctx.vocab_chunk)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, need, ctx.impl,
+                                    ctx.vocab_chunk)
+
+
+_DOUBLE_BACKWARD = (
+    "fused_sequence_likelihood has no second-order gradient: its gradient was taken with create_graph=True "
+    "and is now being differentiated, which would silently drop the op's own second-order terms. Use "
+    "mppo_kernels.reference.sequence_likelihood_reference where a double backward is needed."
+)
+
+
+def _refuse_double_backward(grads):
+    """The gradients, each an alias whose own backward raises: taking them with ``create_graph=True`` works,
+    differentiating them fails loudly instead of returning second-order gradients without the op's terms
+    (``once_differentiable`` cannot tell, because the incoming gradients of ``out.sum()`` need no grad)."""
+    present = [g for g in grads if g is not None]
+    delayed = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+    if delayed is None:  # a torch without the private node: refuse the create_graph backward itself
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    aliases = delayed(_DOUBLE_BACKWARD.encode(), len(present))(
+        *[g.detach().requires_grad_() for g in present])
+    aliases = iter(aliases if isinstance(aliases, tuple) else (aliases,))
+    return tuple(next(aliases) if g is not None else None for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------------------

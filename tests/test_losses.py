@@ -349,6 +349,74 @@ def test_batch_without_any_preference_gives_zero_loss_with_a_graph(name):
     assert preference_loss(name, logps[:, :2], scores[:, :2], ref_logps=ref[:, :2]).item() == 0.0
 
 
+@pytest.mark.parametrize("name", PREF_NAMES)
+def test_scores_are_ranked_in_their_own_dtype(name):
+    """int64 scores 2**24 + 1 vs 2**24 and fp64 scores 1e-9 apart are different in their own dtype; cast to
+    the fp32 log-likelihoods' dtype first they would tie, and the prompt would carry no preference (loss 0)."""
+    logps = torch.tensor([[-1.0, -2.0, -1.5]])
+    ref = torch.tensor([[-1.2, -1.8, -1.5]])
+    hp = {"negative": "worst"} if name == "pair_single" else {}
+    expected = preference_loss(name, logps, torch.tensor([[2.0, 1.0, 0.0]]), ref_logps=ref, **hp)
+    for scores in (torch.tensor([[2**24 + 2, 2**24 + 1, 2**24]]),
+                   torch.tensor([[1.0 + 2e-9, 1.0 + 1e-9, 1.0]], dtype=torch.float64)):
+        got = preference_loss(name, logps, scores, ref_logps=ref, **hp)
+        assert got.item() > 0, scores
+        if name != "mmpo":  # only the order counts; MMPO's soft target depends on the gap itself
+            torch.testing.assert_close(got, expected)
+
+
+def test_mmpo_and_margin_weights_use_the_exact_score_gap():
+    logps, ref = torch.tensor([[-1.0, -2.0, -1.5]]), torch.tensor([[-1.2, -1.8, -1.5]])
+    huge = torch.tensor([[3e300, 2e300, 1e300]], dtype=torch.float64)  # overflows fp32
+    for name, hp in (("mmpo", {}), ("multi_dpo", {"weighting": "margin"})):
+        loss = preference_loss(name, logps, huge, ref_logps=ref, **hp)
+        same_ratios = preference_loss(name, logps, torch.tensor([[3.0, 2.0, 1.0]]), ref_logps=ref, **hp)
+        assert torch.isfinite(loss)
+        if name == "multi_dpo":  # the weights are normalized: scaling every gap changes nothing
+            torch.testing.assert_close(loss, same_ratios)
+    # q = σ(γ·gap) with a gap of 1e-9 in fp64 scores: 0.5 + γ·gap/4, not exactly 0.5
+    tiny = preference_loss("mmpo", logps[:, :2].double(), torch.tensor([[1.0 + 1e-9, 1.0]], dtype=torch.float64),
+                           ref_logps=ref[:, :2].double())
+    tie_q = preference_loss("mmpo", logps[:, :2].double(), torch.tensor([[1.0 + 1e-15, 1.0]], dtype=torch.float64),
+                            ref_logps=ref[:, :2].double())
+    assert tiny != tie_q
+
+
+def test_kto_tensor_kl_is_checked_and_clamped_like_a_number():
+    logps, scores, ref, mask = make_batch(seed=3, dtype=torch.float32)
+    kw = dict(ref_logps=ref, response_mask=mask)
+    for bad in (torch.tensor(-5.0), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        _err(ValueError, "kto hyperparameter kl = .* must be finite and >= 0", "kto", logps, scores, kl=bad, **kw)
+    _err(ValueError, "kl must be finite and >= 0", "kto", logps, scores, kl=-5.0, **kw)
+    # Without validation a negative estimate is clamped at 0, exactly as the batch estimate is.
+    clamped = preference_loss("kto", logps, scores, kl=torch.tensor(-5.0), validate=False, **kw)
+    torch.testing.assert_close(clamped, preference_loss("kto", logps, scores, kl=0.0, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(preference_loss("kto", logps, scores, kl=torch.tensor(0.7), **kw),
+                               preference_loss("kto", logps, scores, kl=0.7, **kw))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_score_without_validation_leaves_the_response_out(name):
+    """validate=False cannot raise on a NaN score at a real response; the response is then left out exactly as
+    padding is, so neither the loss nor any gradient is NaN (MMPO used to give a finite loss, NaN gradient)."""
+    logps, scores, ref, mask = make_batch(B=4, K=4, seed=91, dtype=torch.float32, ragged=False, ties=False)
+    gen = (lambda: {"generator": torch.Generator().manual_seed(0)}) if name == "pair_single" else dict
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        s = scores.clone()
+        s[1, 0] = bad
+        lp = logps.clone().requires_grad_()
+        loss = preference_loss(name, lp, s, ref_logps=ref, response_mask=mask, validate=False, **gen())
+        loss.backward()
+        out = mask.clone()
+        out[1, 0] = False
+        lp2 = logps.clone().requires_grad_()
+        expected = preference_loss(name, lp2, scores, ref_logps=ref, response_mask=out, validate=False, **gen())
+        expected.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all(), (name, bad)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(lp.grad, lp2.grad)
+
+
 # ---------------------------------------------------------------------------------------------- Pair-Single
 
 

@@ -240,6 +240,73 @@ def test_impls_agree_and_torch_path_handles_float64(device):
         leaves, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("V,banned", [(128, slice(0, 64)), (100, slice(64, None)), (211, slice(30, 190))])
+def test_banned_vocabulary_blocks_are_not_nan(device, impl, V, banned):
+    """A bias of -inf over whole vocabulary tiles (banned tokens): a tile whose logits are all -inf must not
+    turn the online log-sum-exp into exp(-inf - (-inf)) = NaN."""
+    hidden, weight, b, labels = make_inputs((2, 3), 13, 24, V, torch.float32, device)
+    b[banned] = float("-inf")
+    allowed = torch.ones(V, dtype=torch.bool, device=device)
+    allowed[banned] = False
+    choices = allowed.nonzero().squeeze(1)
+    labels = torch.where(labels == -100, labels, choices[labels.clamp(0) % choices.numel()])
+    gs, gt = torch.randn(2, 3, device=device), torch.randn(2, 3, 13, device=device)
+    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, vocab_chunk_size=48)
+    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
+    for name, o, t in zip(["logp", "tok", "dh", "dw", "db"], ours, truth):
+        assert torch.isfinite(o).all(), name
+        torch.testing.assert_close(o.double(), t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_second_order_gradient_raises_instead_of_dropping_terms(device, impl):
+    hidden, weight, _, labels = make_inputs((2, 3), 9, 16, 31, torch.float32, device, bias=False)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fused_sequence_likelihood(h, w, labels, impl=impl).sum() + 0.5 * (h**2).sum(), h,
+                               create_graph=True)
+    # The first-order gradient itself is right, with or without create_graph.
+    h64 = hidden.double().requires_grad_()
+    (g64,) = torch.autograd.grad(sequence_likelihood_reference(h64, weight.double(), labels).sum(), h64)
+    torch.testing.assert_close(g.detach().double(), g64 + hidden.double(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_length_sequences_raise_or_are_nan(device, impl):
+    hidden = torch.randn(2, 0, 8, device=device)
+    weight = torch.randn(11, 8, device=device)
+    labels = torch.zeros(2, 0, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=r"sequence \[0\] has no target tokens"):
+        fused_sequence_likelihood(hidden, weight, labels, impl=impl)
+    with pytest.raises(ValueError, match=r"sequence \[0\] has no target tokens"):
+        sequence_likelihood_reference(hidden, weight, labels)
+    padding = torch.zeros(2, dtype=torch.bool, device=device)
+    assert torch.isnan(fused_sequence_likelihood(hidden, weight, labels, sequence_mask=padding, impl=impl)).all()
+    assert torch.isnan(fused_sequence_likelihood(hidden, weight, labels, validate=False, impl=impl)).all()
+    # No sequences at all is not an error: an empty result.
+    assert fused_sequence_likelihood(hidden[:0], weight, labels[:0], impl=impl).shape == (0,)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_small_integer_labels_equal_int64(device, impl, label_dtype):
+    hidden, weight, b, labels = make_inputs((2, 3), 11, 16, 97, torch.float32, device)
+    if label_dtype == torch.uint8:  # no room for -100: ignore_index=255 instead
+        labels, ignore = labels.masked_fill(labels == -100, 255), 255
+    else:
+        ignore = -100
+    gs, gt = torch.randn(2, 3, device=device), torch.randn(2, 3, 11, device=device)
+    small = run(fused_sequence_likelihood, hidden, weight, b, labels.to(label_dtype), gs, gt, impl=impl,
+                ignore_index=ignore)
+    wide = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, impl=impl, ignore_index=ignore)
+    for x, y in zip(small, wide):
+        assert torch.equal(x, y)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_sequence_likelihood(hidden, weight, labels.to(torch.uint16), ignore_index=ignore)
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 
 BAD = {

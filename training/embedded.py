@@ -19,7 +19,11 @@ TASKS = ("reverse", "copy", "sort", "add")
 
 
 def build_char_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast`` built in code (no files, no downloads), no chat template."""
+    """A character-level ``PreTrainedTokenizerFast`` built in code (no files, no downloads), no chat template.
+
+    Characters outside ``CHARS`` (upper case, non-ASCII) become ``<unk>``; the data readers drop and count
+    texts that contain it (``response:unknown_tokens``, ``row:prompt_unknown_tokens``) instead of training on them.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -32,10 +31,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `training.*`
 
+from training import checkpoint as C  # noqa: E402
 from training import data as D  # noqa: E402
 from training import embedded  # noqa: E402
 
 IGNORE_INDEX = -100
+
+
+class UsageError(ValueError):
+    """A model, option or run directory that cannot be used as given; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UltraFeedback score to use")
     g.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens")
     g.add_argument("--max-prompt-length", type=int, default=512, help="prompt tokens (left-truncated)")
+    g.add_argument("--min-response-fraction", type=float, default=0.5,
+                   help="drop (and count) a response that truncation leaves with less than this fraction of its tokens")
     g.add_argument("--num-proc", type=int, default=None, help="processes for tokenization")
     g = p.add_argument_group("embedded default (used when --model / --dataset are not given)")
     g.add_argument("--task", default="reverse", choices=embedded.TASKS)
@@ -112,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (0: all)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint dir, or the latest in --output-dir ('auto' / no value)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of another run found in --output-dir (else the run refuses to start)")
+    g.add_argument("--allow-setting-changes", action="store_true",
+                   help="with --resume: continue a checkpoint whose run settings differ from these (printed)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop after this many steps without changing the schedule (simulates an interruption)")
     g.add_argument("--log-every", type=int, default=1, help="JSONL/tracker record every N steps")
@@ -155,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_length = min(args.max_length, 4 * args.task_length + 8)
         args.max_prompt_length = min(args.max_prompt_length, 2 * args.task_length + 4)
     for name, low in (("per_device_batch_size", 1), ("gradient_accumulation_steps", 1), ("max_length", 2),
+                      ("warmup_steps", 0),
                       ("max_prompt_length", 1), ("task_length", 1), ("num_responses", 1), ("train_size", 1),
                       ("hidden_size", 1), ("num_layers", 1), ("num_heads", 1), ("lora_r", 0), ("log_every", 1),
                       ("eval_every", 0), ("save_every", 0), ("save_total_limit", 0), ("max_steps", 1),
@@ -162,13 +173,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("lr", "epochs"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.eval_size is not None and not args.eval_size > 0:
-        parser.error(f"--eval-size must be > 0 (a count, or a fraction < 1), got {args.eval_size}")
+    for name, positive in (("lr", True), ("epochs", True), ("max_grad_norm", False), ("weight_decay", False),
+                           ("lora_alpha", True), ("eval_size", True)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            parser.error(f"--{name.replace('_', '-')} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
+    if not 0 <= args.min_response_fraction <= 1:
+        parser.error(f"--min-response-fraction must be in [0, 1], got {args.min_response_fraction}")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if is_embedded_model and args.tokenizer:
+        parser.error("--tokenizer needs --model: the embedded model is built for its own character tokenizer")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--mixed-precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use bf16 or no")
+    if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
+        parser.error(f"--resume {args.resume}: no such checkpoint directory")
+    if args.allow_setting_changes and not args.resume:
+        parser.error("--allow-setting-changes applies to --resume only")
+    for name in ("model", "tokenizer"):
+        value = getattr(args, name)
+        if value and D.looks_like_path(value) and not os.path.exists(value):
+            parser.error(f"--{name} {value}: no such file or directory")
     if args.max_prompt_length > args.max_length:
         parser.error(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
+    if args.dataset is not None:
+        try:
+            D.resolve_source(args.dataset)  # a missing local path fails here, not after the model has loaded
+        except D.DataError as e:
+            parser.error(str(e))
     if is_embedded_model and args.hidden_size % args.num_heads:
         parser.error(f"--hidden-size {args.hidden_size} must be a multiple of --num-heads {args.num_heads}")
     args.hparams = resolve_loss(parser, args)
@@ -212,17 +244,28 @@ def load_model_and_tokenizer(args):
         model = embedded.build_tiny_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                           num_heads=args.num_heads, max_positions=max(64, args.max_length),
                                           seed=args.seed)
+        if args.dtype not in ("float32", "auto"):
+            model = model.to(getattr(torch, args.dtype))
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer" if args.tokenizer else "model", args.tokenizer or args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"dtype": getattr(torch, args.dtype) if args.dtype != "auto" else "auto"}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, "model", args.model, **kwargs)
     return model, tokenizer
+
+
+def _from_pretrained(auto_class, option: str, name: str, **kwargs):
+    """``auto_class.from_pretrained``; a path or hub id that cannot be loaded is reported in one line."""
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # missing files, offline hub, unknown architecture
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"--{option} {name}: cannot load it ({type(e).__name__}: {first})") from None
 
 
 def apply_lora(model, args):
@@ -240,38 +283,39 @@ def load_data(args, tokenizer, min_responses: int, log):
     import datasets
 
     kwargs = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                  min_responses=min_responses, score_field=args.score_field, num_proc=args.num_proc)
+                  min_responses=min_responses, score_field=args.score_field, num_proc=args.num_proc,
+                  min_kept_fraction=args.min_response_fraction)
     if args.dataset is None:
         n_eval = int(args.eval_size)
         train_rows, eval_rows = embedded.make_task_splits(
             args.train_size, n_eval, task=args.task, length=args.task_length, k=args.num_responses,
             seed=args.seed)
         train_raw, eval_raw = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(eval_rows)
-        fmt = "responses"
+        fmt, source, eval_source = "responses", "embedded task", "embedded task (held-out)"
     else:
-        eval_raw = None
-        if os.path.exists(args.dataset):  # a local file: one split, held-out rows carved from it
-            train_raw = D.load_raw_dataset(args.dataset)
-        else:
-            splits = datasets.get_dataset_split_names(args.dataset)
-            train_split = args.split or next((s for s in ("train_prefs", "train") if s in splits), splits[0])
-            eval_split = args.eval_split or next((s for s in ("test_prefs", "test") if s in splits), None)
-            train_raw = D.load_raw_dataset(args.dataset, train_split)
-            eval_raw = D.load_raw_dataset(args.dataset, eval_split) if eval_split else None
+        train_raw, eval_raw = D.load_splits(args.dataset, args.split, args.eval_split)
         fmt = args.dataset_format or D.detect_format(train_raw.column_names)
-        if eval_raw is None:
+        # Rows are named where the user can find them: in the file, or in the hub dataset's test split.
+        source = eval_source = args.dataset
+        if eval_raw is not None:
+            eval_source = f"{args.dataset} ({eval_raw.split} split)"
+        else:  # a local file, or a hub dataset without a test split: carve held-out rows from it
             n = len(train_raw)
             size = args.eval_size if args.eval_size is not None else min(1000, max(1, int(0.02 * n)))
             size = int(size * n) if size < 1 else int(size)
+            if not 0 < size < n:
+                raise UsageError(f"--eval-size {args.eval_size} takes {size} of the {n} rows of {args.dataset} for "
+                                 "held-out evaluation, leaving none for one of the two splits")
             parts = train_raw.train_test_split(test_size=size, seed=args.seed, shuffle=True)
             train_raw, eval_raw = parts["train"], parts["test"]
     if args.max_train_rows:
         train_raw = train_raw.select(range(min(args.max_train_rows, len(train_raw))))
     if args.max_eval_rows:
         eval_raw = eval_raw.select(range(min(args.max_eval_rows, len(eval_raw))))
-    train, counts = D.prepare_dataset(train_raw, tokenizer, fmt=fmt, log=lambda s: log("train " + s), **kwargs)
-    eval_ds, eval_counts = D.prepare_dataset(eval_raw, tokenizer, fmt=fmt, log=lambda s: log("held-out " + s),
-                                             **kwargs)
+    train, counts = D.prepare_dataset(train_raw, tokenizer, fmt=fmt, source=source,
+                                      log=lambda s: log("train " + s), **kwargs)
+    eval_ds, eval_counts = D.prepare_dataset(eval_raw, tokenizer, fmt=fmt, source=eval_source,
+                                             log=lambda s: log("held-out " + s), **kwargs)
     return train, eval_ds, {"train": counts, "eval": eval_counts}
 
 
@@ -353,54 +397,6 @@ def precompute_reference(model, ds, tokenizer, accelerator, batch_size: int, des
     column = [table[i][: len(s)].tolist() for i, s in enumerate(ds["scores"])]
     accelerator.print(f"precomputed reference log-probs for {len(column)} {desc} rows")
     return ds.add_column("ref_logps", column)
-
-
-# ------------------------------------------------------------------------------------- checkpointing
-def latest_checkpoint(output_dir: str) -> str | None:
-    path = os.path.join(output_dir, "checkpoints", "latest")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    ckpt = os.path.join(output_dir, "checkpoints", name)
-    return ckpt if os.path.isdir(ckpt) else None
-
-
-def _atomic_write(path: str, text: str):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int):
-    """Write the checkpoint to a temporary directory, then ``os.replace`` it into place: a run killed while
-    saving leaves the previous checkpoint (and the ``latest`` pointer to it) intact."""
-    root = os.path.join(output_dir, "checkpoints")
-    name = f"step-{step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # model, optimizer, scheduler, RNG states of every process
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1))
-        if os.path.exists(final):
-            trash = os.path.join(root, f".old-{name}")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write(os.path.join(root, "latest"), name)
-        if keep > 0:
-            done = sorted(d for d in os.listdir(root) if d.startswith("step-"))
-            for old in done[:-keep]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 # -------------------------------------------------------------------------------------- metrics, plot
@@ -490,9 +486,30 @@ def _float(v):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
+    """Train as the options say; returns the summary. Problems with options, data, the run directory or a
+    checkpoint raise ``UsageError``/``DataError``/``RunDirError`` (``cli`` prints them as one line)."""
     args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    try:
+        result = train(args, accelerator)
+        # No process may tear the process group down while another still uses it: a rank that exits early
+        # makes the other one abort at shutdown ("terminate called without an active exception").
+        accelerator.wait_for_everyone()
+        return result
+    finally:
+        accelerator.end_training()  # on every path, errors included: trackers closed, process group destroyed
+
+
+def cli(argv=None) -> None:
+    try:
+        main(argv)
+    except (UsageError, D.DataError, C.RunDirError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
 
     mixed = args.mixed_precision
     if mixed == "auto":
@@ -517,7 +534,38 @@ def main(argv=None) -> dict:
     cpu_multiprocess = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=cpu_multiprocess,
                               mixed_precision=mixed, log_with=trackers, project_dir=args.output_dir)
+    accelerator.trackers_wanted = trackers is not None
+    return accelerator
+
+
+def prepare_run_dir(args, accelerator, settings: dict):
+    """``(start_step, checkpoint or None)``: refuse a directory holding another run, or a checkpoint of
+    another run, naming the differences; clear a run being replaced; record this run's settings."""
+    ckpt, state = None, None
+    if args.resume:
+        ckpt = C.latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+        if ckpt is None:
+            accelerator.print(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
+        else:
+            state, diff = C.resume_state(ckpt, settings, allow_changes=args.allow_setting_changes)
+            if diff:
+                accelerator.print(f"warning: resuming {ckpt} with changed settings: {'; '.join(diff)}")
+    action = C.check_output_dir(args.output_dir, settings, overwrite=args.overwrite) if ckpt is None else None
+    accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
+    if accelerator.is_main_process:
+        if action == "replace":
+            accelerator.print(f"replacing the outputs of the earlier run in {args.output_dir}")
+            C.clear_run(args.output_dir)
+        C.write_settings(args.output_dir, settings)
+    accelerator.wait_for_everyone()
+    return (state["step"] if state else 0), ckpt
+
+
+def train(args, accelerator) -> dict:
+    from accelerate.utils import DistributedType, set_seed
+
     log = accelerator.print
+    trackers = "tensorboard" if accelerator.trackers_wanted else None
     import datasets
     import transformers
 
@@ -525,6 +573,10 @@ def main(argv=None) -> dict:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     set_seed(args.seed)  # identical initialization on every process
+    world, b, ga = accelerator.num_processes, args.per_device_batch_size, args.gradient_accumulation_steps
+    global_bs = b * world * ga
+    settings = C.run_settings(args, global_batch_size=global_bs, mixed_precision=accelerator.mixed_precision)
+    start_step, ckpt = prepare_run_dir(args, accelerator, settings)  # before anything slow is loaded
 
     from training.modeling import PreferenceModel, loss_api
 
@@ -546,8 +598,6 @@ def main(argv=None) -> dict:
     n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
     log(f"model: {n_params:,} parameters ({n_train:,} trained); loss {args.loss} {hparams}")
 
-    world, b, ga = accelerator.num_processes, args.per_device_batch_size, args.gradient_accumulation_steps
-    global_bs = b * world * ga
     spe = D.steps_per_epoch(len(train_ds), global_bs)
     max_steps = args.max_steps or max(1, int(args.epochs * spe))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.05 * max_steps)
@@ -579,20 +629,11 @@ def main(argv=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda_factory(args.scheduler, warmup, max_steps))
     accelerator.register_for_checkpointing(scheduler)
 
-    start_step, resumed_from = 0, None
-    if args.resume:
-        ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-        if ckpt is None:
-            log(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
-        else:
-            with open(os.path.join(ckpt, "trainer_state.json")) as f:
-                state = json.load(f)
-            if state["global_batch_size"] != global_bs:
-                log(f"warning: checkpoint global batch {state['global_batch_size']} != {global_bs}: the data "
-                    "order differs from the interrupted run")
-            accelerator.load_state(ckpt)
-            start_step, resumed_from = state["step"], ckpt
-            log(f"resumed from {ckpt} at step {start_step}")
+    resumed_from = None
+    if ckpt is not None:
+        C.load_checkpoint(accelerator, ckpt)
+        resumed_from = ckpt
+        log(f"resumed from {ckpt} at step {start_step}")
 
     if spec.needs_reference and args.precompute_ref:
         # The reference is the initial policy; after a resume the policy has moved, so the values are
@@ -608,6 +649,9 @@ def main(argv=None) -> dict:
                            ref_path + ".tmp")
                 os.replace(ref_path + ".tmp", ref_path)
         else:
+            if not os.path.isfile(ref_path):
+                raise C.RunDirError(f"{ref_path} is missing: the resumed --precompute-ref run needs the reference "
+                                    "log-probs computed when it started (they cannot be recomputed now)")
             saved = torch.load(ref_path)
             train_ds = train_ds.add_column("ref_logps", saved["train"])
             eval_ds = eval_ds.add_column("ref_logps", saved["eval"])
@@ -681,13 +725,12 @@ def main(argv=None) -> dict:
             if accelerator.is_local_main_process:
                 bar.write(f"step {done}: held-out best-top accuracy {res['eval/best_top_accuracy']:.3f}")
         if args.save_every and done % args.save_every == 0:
-            save_checkpoint(accelerator, args.output_dir, done,
-                            {"step": done, "global_batch_size": global_bs, "seed": args.seed, "world_size": world,
-                             "max_steps": max_steps}, args.save_total_limit)
+            C.save_checkpoint(accelerator, args.output_dir, done,
+                              {"step": done, "global_batch_size": global_bs, "seed": args.seed, "world_size": world,
+                               "max_steps": max_steps, "settings": settings}, args.save_total_limit)
         if args.stop_after_steps and done >= args.stop_after_steps and done < max_steps:
             bar.close()
             log(f"stopping after step {done} (--stop-after-steps)")
-            accelerator.end_training()
             return {"stopped_at": done}
     bar.close()
     train_seconds = time.time() - t_train
@@ -698,14 +741,13 @@ def main(argv=None) -> dict:
                "resumed_from": resumed_from, "final_train": last, "data_counts": counts}
     if accelerator.is_main_process:
         plot_curves(metrics_log.path, os.path.join(args.output_dir, "training_curves.png"))
-        _atomic_write(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=1))
+        C.atomic_write(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=1))
     if not args.no_save_model:
         save_final_model(accelerator, pm, tokenizer, os.path.join(args.output_dir, "final"))
     acc_before = f"{before['eval/best_top_accuracy']:.3f}" if before else "n/a (resumed)"
     log(f"held-out best-response-top accuracy: before {acc_before} -> after "
         f"{after['eval/best_top_accuracy']:.3f} (chance {after['eval/chance']:.3f}, {after['eval/prompts']} "
         f"prompts); {max_steps - start_step} steps in {train_seconds:.1f} s; outputs in {args.output_dir}/")
-    accelerator.end_training()
     return summary
 
 
@@ -721,4 +763,4 @@ def save_final_model(accelerator, pm, tokenizer, path: str):
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -3,6 +3,7 @@ templates, prompt masking, batching and the data order that resume and multi-pro
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -84,7 +85,8 @@ def test_ultrafeedback_overall_score(tmp_path, tok):
     ds, counts, logs = prepare(path, tok)
     assert D.detect_format(D.load_raw_dataset(path).column_names) == "ultrafeedback"
     assert counts == {"rows": 5, "kept": 2, "response:nan_or_missing_score": 1, "response:empty_response": 1,
-                      "row:fewer_than_2_responses": 1, "row:all_scores_tied": 1, "row:empty_prompt": 1}
+                      "row:fewer_than_2_responses": 1, "row:all_scores_tied": 1, "row:empty_prompt": 1,
+                      "truncated_responses": 0}
     assert ds["scores"] == [[7.0, 5.5, 3.0, 9.0], [6.0, 2.0]]
     assert [text(tok, r[0]) for r in ds["response_ids"]] == ["one<eos>", "b<eos>"]
     # The skip counts are printed before training.
@@ -130,7 +132,7 @@ def test_armorm_parquet_nan_scores_and_truncation(tmp_path, tok):
     # max_prompt_length == max_length: the left-truncated prompt fills the whole sequence.
     ds, counts, _ = prepare(path, tok, max_length=32, max_prompt_length=32)
     assert counts == {"rows": 3, "kept": 2, "response:nan_or_missing_score": 2,
-                      "response:truncated_to_nothing": 2, "row:fewer_than_2_responses": 1}
+                      "response:truncated_to_nothing": 2, "row:fewer_than_2_responses": 1, "truncated_responses": 0}
     assert ds["scores"][0] == pytest.approx([0.1, 0.5, -0.2, 0.3, 0.0])
     assert ds["scores"][1] == pytest.approx([0.2, 0.4, 0.1])
     assert [text(tok, r) for r in ds["response_ids"][1]] == ["s2<eos>", "s4<eos>", "s5<eos>"]
@@ -140,12 +142,15 @@ def test_long_prompt_is_left_truncated_and_response_cut_to_fit(tmp_path, tok):
     rows = [{"prompt": "abcdefghij" * 3, "all_generated_responses": ["0123456789" * 3, "short"],
              "all_rm_scores": [1.0, 0.0]}]
     path = write_parquet(tmp_path / "long.parquet", rows)
-    ds, counts, _ = prepare(path, tok, max_length=24, max_prompt_length=10)
+    # 16 of the long response's 31 tokens (30 characters + EOS) fit: more than min_kept_fraction 0.5.
+    ds, counts, logs = prepare(path, tok, max_length=26, max_prompt_length=10)
     prompt_ids = ds["prompt_ids"][0]
     assert len(prompt_ids) == 10 and text(tok, prompt_ids) == "abcdefghij"  # the end of the prompt is kept
     long, short = ds["response_ids"][0]
-    assert len(prompt_ids) + len(long) == 24 and text(tok, long) == ("0123456789" * 2)[:14]
+    assert len(prompt_ids) + len(long) == 26 and text(tok, long) == ("0123456789" * 2)[:16]
     assert text(tok, short) == "short<eos>"
+    # Cut responses are trained on but counted, apart from the skips.
+    assert counts["truncated_responses"] == 1 and logs[0].endswith("skipped: none; truncated_responses=1")
 
 
 # ------------------------------------------------------------------------------------------------ binarized
@@ -173,7 +178,7 @@ def test_binarized_chat_template_and_multi_turn(tmp_path, chat_tok):
     assert D.detect_format(D.load_raw_dataset(path).column_names) == "binarized"
     ds, counts, _ = prepare(path, chat_tok, max_length=96, max_prompt_length=64)
     assert counts == {"rows": 4, "kept": 2, "response:nan_or_missing_score": 1,
-                      "row:all_scores_tied": 1, "row:fewer_than_2_responses": 1}
+                      "row:all_scores_tied": 1, "row:fewer_than_2_responses": 1, "truncated_responses": 0}
     assert ds["scores"] == [[8.0, 4.0], [9.0, 2.0]]
     # The prompt goes through the chat template with the generation prompt; K = 2 (chosen, rejected).
     assert text(chat_tok, ds["prompt_ids"][0]) == "<user>abc\n<assistant>"
@@ -190,7 +195,8 @@ def responses_rows():
         {"prompt": "def", "responses": ["s1", "s2", "s3", "", "   "], "scores": [0.5, 1.5, None, 2.0, 3.0]},
         {"prompt": "ghi", "responses": ["u1", "u2", "u3"], "scores": [3, 1, 2]},
         {"prompt": "one", "responses": ["v1"], "scores": [1.0]},
-        {"prompt": "jkl", "responses": ["w1", "w2"], "scores": [2.0]},  # a response without a score
+        # fewer scores than responses: which score belongs to which response is unknown, the row is skipped
+        {"prompt": "jkl", "responses": ["w1", "w2"], "scores": [2.0]},
     ]
 
 
@@ -198,8 +204,9 @@ def test_local_jsonl_ragged_k(tmp_path, tok):
     path = write_jsonl(tmp_path / "local.jsonl", responses_rows())
     assert D.detect_format(D.load_raw_dataset(path).column_names) == "responses"
     ds, counts, _ = prepare(path, tok)
-    assert counts == {"rows": 5, "kept": 3, "response:nan_or_missing_score": 2, "response:empty_response": 2,
-                      "row:fewer_than_2_responses": 2}
+    assert counts == {"rows": 5, "kept": 3, "response:nan_or_missing_score": 1, "response:empty_response": 2,
+                      "row:fewer_than_2_responses": 1, "row:scores_responses_length_mismatch": 1,
+                      "truncated_responses": 0}
     assert [len(s) for s in ds["scores"]] == [2, 2, 3]  # ragged K
     assert ds["scores"][1] == [0.5, 1.5]
     assert text(tok, ds["prompt_ids"][0]) == "<bos>abc"  # no chat template: BOS + the text
@@ -208,8 +215,9 @@ def test_local_jsonl_ragged_k(tmp_path, tok):
 def test_point_losses_keep_single_response_rows(tmp_path, tok):
     path = write_jsonl(tmp_path / "local.jsonl", responses_rows())
     ds, counts, _ = prepare(path, tok, min_responses=1)
-    assert counts["kept"] == 5 and "row:fewer_than_2_responses" not in counts
-    assert [len(s) for s in ds["scores"]] == [2, 2, 3, 1, 1]
+    assert counts["kept"] == 4 and "row:fewer_than_2_responses" not in counts
+    assert counts["row:scores_responses_length_mismatch"] == 1
+    assert [len(s) for s in ds["scores"]] == [2, 2, 3, 1]
 
 
 def test_local_jsonl_message_prompt_with_chat_template(tmp_path, chat_tok):
@@ -304,3 +312,233 @@ def test_embedded_scores_count_correct_characters():
     answer = r["prompt"][:-1][::-1]
     for resp, score in zip(r["responses"], r["scores"]):
         assert score == sum(a == b for a, b in zip(resp, answer))
+
+
+# ------------------------------------------------------------------------------ bad and edge-case inputs
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def good_row(i=0):
+    return {"prompt": f"p{i}", "responses": ["x", "y"], "scores": [1.0, 0.0]}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "abc", "responses": ["x", "y"], "scores": 3.0},
+     "field 'scores': expected a list of numbers, got float 3.0"),
+    ({"prompt": 12345, "responses": ["x", "y"], "scores": [1.0, 0.0]},
+     "field 'prompt': expected a string or a list of {role, content} messages, got int 12345"),
+    # a string is not a list of one-character responses
+    ({"prompt": "abc", "responses": "cba", "scores": [1.0, 2.0, 3.0]},
+     "field 'responses': expected a list of strings, got str 'cba'"),
+    ({"prompt": "abc", "responses": ["x", 5], "scores": [1.0, 0.0]},
+     "field 'responses': expected a list of strings, got int 5 at position 1"),
+    ({"prompt": [{"content": "no role"}], "responses": ["x", "y"], "scores": [1.0, 0.0]},
+     "field 'prompt': expected a list of {role, content} messages, got dict"),
+])
+def test_wrong_field_type_is_one_line_naming_file_row_and_field(tmp_path, tok, bad, message):
+    rows = [good_row(i) for i in range(5)]
+    rows[3] = bad
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(D.DataError) as e:
+        D.prepare_dataset(D.load_raw_dataset(path), tok, max_length=64, max_prompt_length=32, source="data.jsonl",
+                          log=None)
+    assert one_line(e).startswith(f"data.jsonl row 3, {message}")
+
+
+def test_row_error_crosses_processes_and_names_the_file_row_of_a_split(tmp_path, tok):
+    rows = [good_row(i) for i in range(40)]
+    rows[29] = {"prompt": "abc", "responses": ["x", "y"], "scores": 3.0}
+    raw = D.load_raw_dataset(write_jsonl(tmp_path / "data.jsonl", rows))
+    # train.py carves held-out rows with a seeded shuffle: the message still names the row of the file.
+    train = raw.train_test_split(test_size=8, seed=0)["train"]
+    for num_proc in (None, 2):
+        with pytest.raises(D.DataError) as e:
+            D.prepare_dataset(train, tok, max_length=64, max_prompt_length=32, num_proc=num_proc,
+                              source="data.jsonl", log=None)
+        assert one_line(e) == "data.jsonl row 29, field 'scores': expected a list of numbers, got float 3.0"
+
+
+@pytest.mark.parametrize("fmt, row, message", [
+    ("armorm", {"prompt": "a", "all_generated_responses": ["x", "y"], "all_rm_scores": 0.5},
+     "field 'all_rm_scores': expected a list of numbers, got float 0.5"),
+    ("armorm", {"prompt": "a", "all_generated_responses": "xy", "all_rm_scores": [0.5, 0.1]},
+     "field 'all_generated_responses': expected a list of strings, got str 'xy'"),
+    ("ultrafeedback", {"instruction": "a", "completions": "abc"},
+     "field 'completions': expected a list of objects, got str 'abc'"),
+    ("ultrafeedback", {"instruction": "a", "completions": [{"response": 7, "overall_score": 1.0}]},
+     "field 'completions[0].response': expected a string, got int 7"),
+    ("ultrafeedback", {"instruction": "a", "completions": [{"response": "x", "overall_score": [1.0]}]},
+     "field 'completions[0].overall_score': expected a number, got list [1.0]"),
+    ("binarized", {"prompt": "a", "chosen": "good", "rejected": [], "score_chosen": 1.0, "score_rejected": 0.0},
+     "field 'chosen': expected a list of {role, content} messages, got str 'good'"),
+    ("binarized", {"prompt": "a", "chosen": [], "rejected": [], "score_chosen": {"x": 1}, "score_rejected": 0.0},
+     "field 'score_chosen': expected a number, got dict {'x': 1}"),
+])
+def test_wrong_field_types_of_every_schema(fmt, row, message):
+    with pytest.raises(D.DataError) as e:
+        D.normalize_row(row, fmt)
+    assert one_line(e) == message
+
+
+def test_chat_template_refusal_names_the_row(tmp_path):
+    strict = embedded.build_char_tokenizer()
+    strict.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must "
+                            "come from the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    rows = [good_row(0), {**good_row(1), "prompt": [{"role": "system", "content": "x"}]}]
+    with pytest.raises(D.DataError) as e:
+        D.prepare_dataset(D.load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", rows)), strict, max_length=64,
+                          max_prompt_length=32, source="d.jsonl", log=None)
+    assert one_line(e) == ("d.jsonl row 1, the tokenizer's chat template rejects the prompt: the first message "
+                           "must come from the user")
+
+
+@pytest.mark.parametrize("fmt", ["responses", "armorm"])
+@pytest.mark.parametrize("n_scores", [1, 3])
+def test_score_count_mismatch_skips_the_row(tmp_path, tok, fmt, n_scores):
+    keys = ("responses", "scores") if fmt == "responses" else ("all_generated_responses", "all_rm_scores")
+    rows = [{"prompt": "abc", keys[0]: ["x", "y"], keys[1]: [1.0, 0.0]},
+            {"prompt": "def", keys[0]: ["x", "y"], keys[1]: [3.0, 2.0, 1.0][:n_scores]}]
+    ds, counts, logs = prepare(write_jsonl(tmp_path / "d.jsonl", rows), tok)
+    assert counts == {"rows": 2, "kept": 1, "row:scores_responses_length_mismatch": 1, "truncated_responses": 0}
+    assert "row:scores_responses_length_mismatch=1" in logs[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "data.jsonl: empty file, no rows"),
+    ("\n  \n\n", "data.jsonl: empty file, no rows"),
+    ('{"prompt": "a", "responses": ["x"], "scores": [1]}\n{"prompt": "b", "responses": ["x"], "scores": [1]\n',
+     "data.jsonl line 2: invalid JSON: Expecting ',' delimiter (column 50)"),
+    ('{"prompt": "a", "responses": ["x"], "scores": [1]}\n\n{"prompt": "b", "responses": ["x"], "scores": [1e400]}\n',
+     "data.jsonl line 3: number 1e400 is outside the float64 range"),
+    ('{"prompt": "a", "responses": ["x"], "scores": [1]}\n["b", ["x"], [1]]\n',
+     "data.jsonl line 2: expected a JSON object (one row), got list of list/string"),
+    ('[\n {"prompt": "a", "responses": ["x"], "scores": [1]},\n {"prompt": "b" "responses": ["x"]}\n]\n',
+     "data.jsonl line 3: invalid JSON: Expecting ',' delimiter (column 17)"),
+    (b'{"prompt": "a", "responses": ["x"], "scores": [1]}\n{"prompt": "b\xff", "responses": ["x"], "scores": [1]}\n',
+     "data.jsonl line 2: not UTF-8 text (byte 0xff)"),
+])
+def test_unreadable_file_is_one_line_naming_file_and_line(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(D.DataError) as e:
+        D.load_raw_dataset("data.jsonl")
+    assert one_line(e) == message
+
+
+def test_mixed_type_field_is_named(tmp_path):
+    # datasets >= 4 reads a mixed-type column as Json; older versions fail on it, and then this names it.
+    path = write_jsonl(tmp_path / "data.jsonl", [good_row(0), good_row(1), {**good_row(2), "scores": 3.0}])
+    assert D._json_file_problem(path) == (" line 3", "field 'scores' is number here but list of number at line 1 "
+                                                    "(mixed types)")
+
+
+def test_huge_scores_fit_the_batch(tmp_path, tok):
+    rows = [{"prompt": "abc", "responses": ["x", "y", "z"], "scores": [1e300, -1e300, 2.5]}]
+    ds, counts, _ = prepare(write_jsonl(tmp_path / "d.jsonl", rows), tok)
+    batch = D.collate([dict(zip(ds.column_names, v)) for v in zip(*(ds[c] for c in ds.column_names))],
+                      pad_id=tok.pad_token_id)
+    assert batch["scores"].dtype == torch.float64 and batch["scores"][0].tolist() == [1e300, -1e300, 2.5]
+    assert D.to_score(10**400) is None and D.to_score("1e400") is None
+
+
+def test_truncation_never_trains_on_equal_texts():
+    """--max-length 3 --max-prompt-length 2 on the embedded task: every response keeps 1 of its 7 tokens."""
+    tok = embedded.build_char_tokenizer()
+    raw = datasets.Dataset.from_list(embedded.make_task_rows(64, length=6, k=4, seed=0))
+    ds, counts = D.prepare_dataset(raw, tok, max_length=3, max_prompt_length=2, log=None)
+    assert counts == {"rows": 64, "kept": 0, "response:mostly_truncated": 256, "row:fewer_than_2_responses": 64,
+                      "truncated_responses": 0}
+    # Without the fraction rule, the 1-token stubs collide: equal stubs are never kept as a preference.
+    ds, counts = D.prepare_dataset(raw, tok, max_length=3, max_prompt_length=2, min_kept_fraction=0.0, log=None)
+    assert counts["response:identical_texts_different_scores"] > 0
+    for resp in ds["response_ids"]:
+        assert len({tuple(r) for r in resp}) == len(resp) >= 2
+    assert counts["truncated_responses"] == sum(len(r) for r in ds["response_ids"])
+
+
+def test_duplicates_and_mostly_truncated_responses_are_counted(tmp_path, tok):
+    rows = [{"prompt": "p", "responses": ["x", "x", "y", "z", "z"], "scores": [1, 1, 2, 3, 4]},
+            {"prompt": "q", "responses": ["0123456789", "ab", "cd"], "scores": [3, 2, 1]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    # "<bos>q" leaves 5 of 7 positions: "0123456789<eos>" would keep 5 of its 11 tokens (< 0.5).
+    ds, counts, logs = prepare(path, tok, max_length=7, max_prompt_length=4)
+    assert counts == {"rows": 2, "kept": 2, "response:duplicate": 1, "response:identical_texts_different_scores": 2,
+                      "response:mostly_truncated": 1, "truncated_responses": 0}
+    assert ds["scores"] == [[1.0, 2.0], [2.0, 1.0]]
+    assert "response:mostly_truncated=1" in logs[0] and logs[0].endswith("; truncated_responses=0")
+    ds, counts, logs = prepare(path, tok, max_length=8, max_prompt_length=4)  # 6 of 11 kept: trained on, counted
+    assert "response:mostly_truncated" not in counts and counts["truncated_responses"] == 1
+    assert text(tok, ds["response_ids"][1][0]) == "012345"
+
+
+def test_unknown_characters_are_counted(tmp_path, tok):
+    rows = [{"prompt": "abc", "responses": ["x", "café", "y"], "scores": [1, 2, 3]},
+            {"prompt": "Ünïcode", "responses": ["x", "y"], "scores": [1, 2]}]
+    _, counts, _ = prepare(write_jsonl(tmp_path / "d.jsonl", rows), tok)
+    assert counts == {"rows": 2, "kept": 1, "response:unknown_tokens": 1, "row:prompt_unknown_tokens": 1,
+                      "truncated_responses": 0}
+    # GPT-2 style: the unk token doubles as EOS and is never produced for text, so it means nothing there.
+    gpt2_like = embedded.build_char_tokenizer()
+    gpt2_like.unk_token = gpt2_like.eos_token
+    assert D.unknown_token_id(tok) == tok.unk_token_id and D.unknown_token_id(gpt2_like) is None
+
+
+def test_first_writer_batch_of_skipped_rows(tok):
+    rows = [{"prompt": "", "responses": ["x", "y"], "scores": [1.0, 0.0]}] * 1001 + [good_row()]
+    ds, counts = D.prepare_dataset(datasets.Dataset.from_list(rows), tok, max_length=16, max_prompt_length=8,
+                                   log=None)
+    assert counts["kept"] == 1 and counts["row:empty_prompt"] == 1001
+    assert text(tok, ds["response_ids"][0][0]) == "x<eos>"
+
+
+def test_schema_errors_are_data_errors(tmp_path, tok):
+    with pytest.raises(D.DataError, match="cannot tell the dataset schema"):
+        D.detect_format(["question", "answer"])
+    raw = datasets.Dataset.from_list([good_row()])
+    with pytest.raises(D.DataError) as e:
+        D.prepare_dataset(raw, tok, fmt="armorm", source="d.jsonl", log=None)
+    assert one_line(e) == ("d.jsonl: the armorm schema needs the column(s) all_generated_responses, all_rm_scores; "
+                           "the dataset has prompt, responses, scores")
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "./missing", "data/sub/missing", "~/mppo-missing-dir/x",
+                                  "missing/"])
+def test_missing_path_fails_at_once_without_the_hub(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", no_hub)
+    with pytest.raises(D.DataError) as e:
+        D.load_splits(name)
+    assert one_line(e) == f"--dataset {name!r}: no such file or directory"
+
+
+def test_looks_like_path():
+    for name in ("d.jsonl", "D.PARQUET", "./d", "../d", "/abs", "~/d", "dir/", "a/b/c"):
+        assert D.looks_like_path(name), name
+    for name in ("HuggingFaceH4/ultrafeedback_binarized", "Qwen/Qwen2.5-0.5B", "imdb"):
+        assert not D.looks_like_path(name), name
+
+
+def test_hub_failure_is_one_line_and_fast():
+    t0 = time.monotonic()
+    with pytest.raises(D.DataError) as e:  # HF_HUB_OFFLINE=1 (conftest.py)
+        D.load_splits("mppo-nobody/no-such-dataset")
+    assert one_line(e).startswith("hub dataset 'mppo-nobody/no-such-dataset': cannot load it: ")
+    assert time.monotonic() - t0 < 5
+
+
+def test_load_splits_local_file_and_directory(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [good_row(i) for i in range(3)])
+    train, held_out = D.load_splits(path)
+    assert len(train) == 3 and held_out is None
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "train.jsonl", [good_row(i) for i in range(4)])
+    train, held_out = D.load_splits(str(tmp_path / "dir"))
+    assert len(train) == 4 and held_out is None

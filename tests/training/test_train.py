@@ -43,6 +43,16 @@ def run(args, *, launcher=(), timeout=300, **env):
     return proc.stdout + proc.stderr
 
 
+def run_fails(args, **env):
+    """stderr of a run that must stop with one clear line (exit status 2, no traceback)."""
+    proc = subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-6000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: "), proc.stderr[-3000:]
+    return last
+
+
 def records(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -291,6 +301,54 @@ def test_default_config_file_matches_builtin_defaults():
     assert from_file == builtin
 
 
+def test_run_directory_holds_one_run(tmp_path):
+    """A new run never writes into another run's directory, and --resume never continues another run's
+    checkpoint, without being told; the differences are named. (The bug: a second run overwrote the first's
+    metrics, summary and model, and --resume then continued the other run's checkpoint.)"""
+    out = tmp_path / "run"
+    base = [*TINY, "--save-every", "2", "--output-dir", str(out)]
+    run([*base, "--stop-after-steps", "2"])  # pair_mnm, interrupted with a checkpoint at step 2
+    first_metrics = (out / "metrics.jsonl").read_text()
+    err = run_fails([*base, "--loss", "dpo"])
+    assert "holds another run (hparams {} -> {'beta': 0.1}; loss 'pair_mnm' -> 'dpo')" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == first_metrics  # untouched
+    assert "unfinished run with these settings" in run_fails(base)  # same settings: it wants --resume
+    err = run_fails([*base, "--resume", "--lr", "0.01"])
+    assert "belongs to a run with other settings (lr 0.003 -> 0.01)" in err and "--allow-setting-changes" in err
+    log = run([*base, "--resume", "--lr", "0.01", "--allow-setting-changes", "--max-steps", "3"])
+    assert "warning: resuming" in log and "lr 0.003 -> 0.01" in log and "max-steps 6 -> 3" in log
+    # A damaged checkpoint is one line, not a traceback from deep inside torch.
+    ckpt = out / "checkpoints" / "step-00000002"
+    weights = next(p for p in ckpt.iterdir() if p.name.startswith("model") and p.is_file())
+    weights.write_bytes(b"not a checkpoint")
+    err = run_fails([*base, "--resume", str(ckpt), "--max-steps", "3", "--allow-setting-changes"])
+    assert f"checkpoint {ckpt} cannot be loaded" in err
+    # --overwrite replaces the earlier run: nothing of it is left to resume or to mix into the metrics.
+    run([*base, "--loss", "dpo", "--overwrite"])
+    assert json.loads((out / "run_settings.json").read_text())["loss"] == "dpo"
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000004", "step-00000006"]
+    assert sorted(losses(out)) == list(range(1, 7))
+    # Re-running a finished run with the same settings replaces it (the README's main job can be run twice).
+    assert "replacing the outputs of the earlier run" in run([*base, "--loss", "dpo"])
+
+
+def test_dtype_applies_to_the_embedded_model():
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from training import train
+
+    args = train.parse_args(["--dtype", "bfloat16", "--hidden-size", "16", "--num-layers", "1"])
+    model, _ = train.load_model_and_tokenizer(args)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_unloadable_model_is_one_line(tmp_path):
+    (tmp_path / "model").mkdir()  # exists, but holds no model
+    err = run_fails(["--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "o")])
+    assert f"--model {tmp_path / 'model'}: cannot load it (" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--loss", "nope"], "unknown --loss 'nope'"),
     (["--loss", "dpo", "--hparam", "beta=-1"], "beta must be finite and > 0"),
@@ -298,11 +356,26 @@ def test_default_config_file_matches_builtin_defaults():
     (["--loss", "simpo", "--hparam", "tau=1"], "unknown hyperparameter(s) tau"),
     (["--per-device-batch-size", "0"], "--per-device-batch-size must be >= 1"),
     (["--dataset", "x.jsonl", "--max-length", "64", "--max-prompt-length", "65"], "exceeds --max-length 64"),
+    # Options that used to be accepted and then ignored or misapplied:
+    (["--lr", "inf"], "--lr must be finite and > 0, got inf"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be finite and >= 0, got -1.0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be finite and >= 0, got nan"),
+    (["--warmup-steps", "-3"], "--warmup-steps must be >= 0, got -3"),
+    (["--tokenizer", "gpt2"], "--tokenizer needs --model"),
+    (["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU"),  # CPU autocast has no fp16
+    (["--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt: no such checkpoint directory"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such file or directory"),
+    (["--dataset", "data/train.jsonl"], "--dataset 'data/train.jsonl': no such file or directory"),
+    (["--allow-setting-changes"], "--allow-setting-changes applies to --resume only"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
 ])
-def test_bad_options_name_the_argument(argv, message, capsys):
+def test_bad_options_name_the_argument(argv, message, capsys, monkeypatch):
     sys.path.insert(0, ROOT)
+    import torch
+
     from training import train
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
