@@ -4,7 +4,7 @@ bf16 GEMM rate measured in the same run.
     python -m benchmarks.breakdown                       # Llama-3-8B head, 8192 positions, bf16
     python -m benchmarks.breakdown --D 2304 --V 256000   # Gemma-2-2B head
 
-Every position is a target here (no mask), so the FLOP counts are the floor of NOTES.md: forward
+Every position is a target here (no mask), so the FLOP counts are the op's floor (`common.flops`): forward
 2·N·D·V, backward 6·N·D·V (logits recomputed, dH and dW). Stages: the forward kernel; the backward's
 logit-gradient kernel over all vocabulary chunks; the dW and dH GEMMs over all chunks; the whole
 backward as the op runs it; the op's forward+backward through autograd.
@@ -63,7 +63,7 @@ def main(argv=None):
     emit("forward kernel + split merge", _ms(fwd), flop)
     _, _, lse, _ = fwd()
     grad = torch.randn(N, device="cuda", generator=g)
-    flags, _ = sl._launch_args(hidden, weight)
+    flags, _ = sl._launch_args(hidden)
     for chunk in a.chunk:
         dz = torch.empty((N, chunk), device="cuda", dtype=dt)
 

@@ -91,6 +91,38 @@ def make_case(head: str, tokens: int, K: int, dtype: str, heads=None, max_T: int
     return Case(head, D, V, B, K, T, dtype)
 
 
+def grid(device: str, quick: bool):
+    """``(likelihood, loss)`` cases of both harnesses, most important first: ``(head, positions, K, dtype)``
+    and ``(head, positions, K, loss)``. ``python -m benchmarks.compare`` runs them all (``quick``: the
+    short list); the pytest-benchmark suite runs the first of the short list by default, the rest under
+    ``-m slow``."""
+    if device == "cpu":
+        h = "llama3-8b/16"
+        if quick:
+            # bf16 matmuls are slow on CPU: keep those cases small.
+            lik = [(h, 512, 2, "fp32"), (h, 1024, 4, "fp32"), (h, 256, 2, "bf16")]
+            loss = [(h, 512, 4, "pair_mnm"), (h, 512, 2, "simpo")]
+        else:
+            lik = [(hd, n, 4, "fp32") for hd in TINY_HEADS for n in (256, 1024, 2048)]
+            lik += [(hd, 256, 2, "bf16") for hd in TINY_HEADS]
+            lik += [(h, 1024, k, "fp32") for k in (2, 8)]
+            loss = [(h, 1024, k, "pair_mnm") for k in (2, 4, 8)] + [(h, 1024, 2, "simpo")]
+        return lik, loss
+    if quick:
+        # One run of about 6 min on an H100: every head at 8k positions in bf16, a longer and a
+        # shorter batch, and fp32 once.
+        lik = [(h, 8192, 4, "bf16") for h in HEADS]
+        lik += [("llama3-8b", 32768, 8, "bf16"), ("llama3-8b", 2048, 2, "bf16"), ("llama3-8b", 8192, 4, "fp32")]
+        return lik, [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
+    lik = [(h, 8192, 4, "bf16") for h in HEADS]
+    lik += [("llama3-8b", 8192, k, "bf16") for k in (2, 8)]
+    lik += [(h, n, 4, "bf16") for h in HEADS for n in (2048, 32768)]
+    lik += [(h, 8192, 4, "fp32") for h in HEADS]
+    lik += [(h, n, 4, "fp32") for h in HEADS for n in (2048, 32768)]
+    loss = [("llama3-8b", 8192, k, "pair_mnm") for k in (2, 4, 8)] + [("llama3-8b", 8192, 2, "simpo")]
+    return lik, loss
+
+
 # ----------------------------------------------------------------------------------------------- inputs
 def _entropy(z: torch.Tensor) -> torch.Tensor:
     logp = z.float().log_softmax(-1)
@@ -167,7 +199,8 @@ def make_inputs(case: Case, device, seed: int = 0, target_entropy: float = 2.0, 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
 def flops(mode: str, tokens: int, D: int, V: int) -> int:
-    """Floor FLOPs of the op (NOTES.md): forward 2·T·D·V; backward 6·T·D·V (logits recomputed, dH, dW);
+    """Floor FLOPs of the op: forward 2·T·D·V (the logits GEMM); backward 6·T·D·V (the logits recomputed,
+    because the loss's weights are known only after the forward, then the dH and dW GEMMs);
     forward+backward 8·T·D·V."""
     per = {"fwd": 2, "fwd_nograd": 2, "bwd": 6, "fwd_bwd": 8}[mode]
     return per * tokens * D * V

@@ -43,44 +43,16 @@ from benchmarks.common import (
     device_slug,
     flops,
     gemm_tflops,
+    grid,
     make_case,
     make_inputs,
     peak_extra_bytes,
     run_stamp,
     sync,
 )
-from benchmarks.providers import likelihood_providers, loss_providers, make_call, oracle_logp, order_chosen_first
+from benchmarks.providers import likelihood_providers, loss_inputs, loss_providers, make_call, oracle_logp
 
 LOSSES = ("pair_mnm", "simpo")
-
-
-def default_grid(device: str, quick: bool):
-    """(head, tokens, K, dtype) likelihood cases and (head, tokens, K, loss) loss cases, most important first."""
-    if device == "cpu":
-        h = "llama3-8b/16"
-        if quick:
-            # bf16 matmuls are slow on CPU: keep those cases small.
-            lik = [(h, 1024, 4, "fp32"), (h, 256, 2, "fp32"), (h, 256, 2, "bf16")]
-            loss = [(h, 512, 4, "pair_mnm"), (h, 512, 2, "simpo")]
-        else:
-            lik = [(hd, n, 4, "fp32") for hd in TINY_HEADS for n in (256, 1024, 2048)]
-            lik += [(hd, 256, 2, "bf16") for hd in TINY_HEADS]
-            lik += [(h, 1024, k, "fp32") for k in (2, 8)]
-            loss = [(h, 1024, k, "pair_mnm") for k in (2, 4, 8)] + [(h, 1024, 2, "simpo")]
-        return lik, loss
-    if quick:
-        # One lease-sized run (~6 min on an H100): every head at 8k positions in bf16, a longer and a
-        # shorter batch, and fp32 once.
-        lik = [(h, 8192, 4, "bf16") for h in HEADS]
-        lik += [("llama3-8b", 32768, 8, "bf16"), ("llama3-8b", 2048, 2, "bf16"), ("llama3-8b", 8192, 4, "fp32")]
-        return lik, [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
-    lik = [(h, 8192, 4, "bf16") for h in HEADS]
-    lik += [("llama3-8b", 8192, k, "bf16") for k in (2, 8)]
-    lik += [(h, n, 4, "bf16") for h in HEADS for n in (2048, 32768)]
-    lik += [(h, 8192, 4, "fp32") for h in HEADS]
-    lik += [(h, n, 4, "fp32") for h in HEADS for n in (2048, 32768)]
-    loss = [("llama3-8b", 8192, k, "pair_mnm") for k in (2, 4, 8)] + [("llama3-8b", 8192, 2, "simpo")]
-    return lik, loss
 
 
 def _error_note(err: Exception) -> str:
@@ -260,9 +232,7 @@ class Runner:
         self.log(f"loss {loss_name} {case.key()}")
         try:
             hidden, weight, labels, stats = self.case_tensors(case)
-            gen = torch.Generator().manual_seed(self.args.seed + 2)
-            scores = (torch.randint(1, 11, (case.B, case.K), generator=gen).float() + torch.rand(case.B, case.K, generator=gen))
-            hidden, labels, scores = order_chosen_first(hidden, labels, scores.to(self.device))
+            hidden, labels, scores = loss_inputs(hidden, labels, seed=self.args.seed + 2)
         except Exception as err:  # noqa: BLE001
             self.log(f"  input generation failed: {type(err).__name__}: {err}")
             return
@@ -295,7 +265,7 @@ class Runner:
 
     def run(self) -> None:
         a = self.args
-        lik, loss = default_grid(self.device.type, a.quick)
+        lik, loss = grid(self.device.type, a.quick)
         heads = {**HEADS, **TINY_HEADS}
         if a.heads or a.tokens or a.K or a.dtypes:
             hs = a.heads or sorted({c[0] for c in lik})

@@ -190,7 +190,7 @@ def make_call(fn, hidden, weight, labels, mode: str, seq_grad: torch.Tensor):
 
 # ----------------------------------------------------------------------------------------------- losses
 # A loss provider's fn is (name, hidden [B,K,T,D], weight, labels [B,K,T], scores [B,K]) -> scalar loss.
-SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0  # NOTES.md: SimPO's Llama-3-8B base values
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0  # SimPO's values for Llama-3-8B base (SimPO paper, arXiv 2405.14734)
 
 
 def _accepts(fn, *names) -> dict:
@@ -219,8 +219,7 @@ def loss_providers() -> dict[str, Provider]:
         def two_stage(likelihood):
             def fn(name, hidden, weight, labels, scores):
                 logps = likelihood(hidden, weight, labels)  # [B, K]
-                loss = preference_loss(name, logps, scores, **_loss_kwargs(preference_loss, name))
-                return loss[0] if isinstance(loss, tuple) else loss
+                return preference_loss(name, logps, scores, **_loss_kwargs(preference_loss, name))
 
             return fn
 
@@ -235,8 +234,8 @@ def loss_providers() -> dict[str, Provider]:
     else:
 
         def ours(name, hidden, weight, labels, scores):
-            loss = fused_preference_loss(name, hidden, weight, labels, scores, **_loss_kwargs(fused_preference_loss, name))
-            return loss[0] if isinstance(loss, tuple) else loss
+            return fused_preference_loss(name, hidden, weight, labels, scores,
+                                         **_loss_kwargs(fused_preference_loss, name))[0]
 
         out.append(Provider("ours", ours, notes="fused_loss.fused_preference_loss"))
     try:
@@ -268,9 +267,13 @@ def loss_providers() -> dict[str, Provider]:
     return {p.name: p for p in out}
 
 
-def order_chosen_first(hidden, labels, scores):
-    """Reorder the K responses of each prompt by descending score (response 0 = chosen), once, before timing."""
+def loss_inputs(hidden, labels, seed: int):
+    """``(hidden, labels, scores [B, K])`` for the loss cases: scores in [1, 11) without ties, the K responses
+    of each prompt reordered by descending score (response 0 = chosen, as Liger's pair layout wants), once,
+    before timing."""
+    B, K = labels.shape[:2]
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(1, 11, (B, K), generator=gen).float() + torch.rand(B, K, generator=gen)).to(hidden.device)
     order = scores.argsort(dim=1, descending=True)  # [B, K]
-    B, K = scores.shape
     idx = torch.arange(B, device=scores.device)[:, None]
     return hidden[idx, order].contiguous(), labels[idx, order].contiguous(), scores[idx, order].contiguous()

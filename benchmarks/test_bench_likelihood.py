@@ -16,21 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import MODES, flops, make_case, peak_extra_bytes, synced
+from benchmarks.common import MODES, flops, grid, make_case, peak_extra_bytes, synced
 from benchmarks.providers import likelihood_providers, make_call, oracle_logp
 from benchmarks.conftest import DEVICE
 
 PROVIDERS = likelihood_providers()
 
-if DEVICE.type == "cuda":
-    CASES = [
-        pytest.param(make_case("llama3-8b", 4096, 4, "bf16"), id="llama3-8b-N4096-K4-bf16"),
-        pytest.param(make_case("llama3-8b", 16384, 4, "bf16"), id="llama3-8b-N16384-K4-bf16", marks=pytest.mark.slow),
-        pytest.param(make_case("gemma2-2b", 8192, 8, "bf16"), id="gemma2-2b-N8192-K8-bf16", marks=pytest.mark.slow),
-        pytest.param(make_case("qwen2.5-7b", 8192, 2, "fp32"), id="qwen2.5-7b-N8192-K2-fp32", marks=pytest.mark.slow),
-    ]
-else:
-    CASES = [pytest.param(make_case("llama3-8b/16", 512, 2, "fp32"), id="llama3-8b_16-N512-K2-fp32")]
+_LIKELIHOOD, _ = grid(DEVICE.type, quick=True)
+CASES = [pytest.param(make_case(h, n, k, dt), id=f"{h.replace('/', '_')}-N{n}-K{k}-{dt}",
+                      marks=[pytest.mark.slow] if i else [])
+         for i, (h, n, k, dt) in enumerate(_LIKELIHOOD)]
 
 
 def _provider_param(name):

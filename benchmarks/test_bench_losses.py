@@ -11,16 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import flops, make_case, peak_extra_bytes, synced
+from benchmarks.common import flops, grid, make_case, peak_extra_bytes, synced
 from benchmarks.conftest import DEVICE
-from benchmarks.providers import loss_providers, make_call, order_chosen_first
+from benchmarks.providers import loss_inputs, loss_providers, make_call
 
 PROVIDERS = loss_providers()
+DTYPE = "bf16" if DEVICE.type == "cuda" else "fp32"
 
-if DEVICE.type == "cuda":
-    CASES = [("pair_mnm", make_case("llama3-8b", 4096, 4, "bf16")), ("simpo", make_case("llama3-8b", 4096, 2, "bf16"))]
-else:
-    CASES = [("pair_mnm", make_case("llama3-8b/16", 512, 4, "fp32")), ("simpo", make_case("llama3-8b/16", 512, 2, "fp32"))]
+_, _LOSS = grid(DEVICE.type, quick=True)
+CASES = [(name, make_case(h, n, k, DTYPE)) for h, n, k, name in _LOSS]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -34,9 +33,7 @@ def test_preference_loss(benchmark, case_inputs, loss, case, provider, mode):
     if why:
         pytest.skip(why)
     hidden, weight, labels, stats = case_inputs(case)
-    gen = torch.Generator().manual_seed(2)
-    scores = torch.randint(1, 11, (case.B, case.K), generator=gen).float() + torch.rand(case.B, case.K, generator=gen)
-    hidden, labels, scores = order_chosen_first(hidden, labels, scores.to(DEVICE))
+    hidden, labels, scores = loss_inputs(hidden, labels, seed=2)
 
     def fn(h, w, y):
         return p.fn(loss, h, w, y, scores)

@@ -1,7 +1,8 @@
-"""Input checks shared by the fused ops and their plain-torch twins.
+"""Input checks of the fused op, its plain-torch twin and the losses, and the dtype rule they share.
 
 Every check names the argument and, for data errors, the first offending index, so a bad batch fails
-with a sentence instead of a silent number.
+with a sentence instead of a silent number. Shape, dtype and device checks never synchronize with the
+device; each data check (values) synchronizes once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,25 @@ REDUCTIONS = ("mean", "sum")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums, log-sum-exps and log-likelihoods are computed and returned in: fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def first_index(mask: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0].tolist())
+
+
+def _kind(x) -> str:
+    return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _one_device(named: dict) -> None:
+    """Raise naming each tensor's device when the tensors of ``named`` (None values skipped) are on several."""
+    devices = {n: t.device for n, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in
+                                                                                 sorted(devices.items())))
 
 
 def check_sequence_likelihood_inputs(
@@ -58,7 +76,6 @@ def check_sequence_likelihood_inputs(
         )
     if V == 0 or D == 0:
         raise ValueError(f"weight must have V > 0 and D > 0, got shape {tuple(weight.shape)}")
-    devices = {("hidden", hidden.device), ("weight", weight.device), ("labels", labels.device)}
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -66,7 +83,6 @@ def check_sequence_likelihood_inputs(
             raise ValueError(f"bias must be [V] = ({V},), got shape {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-        devices.add(("bias", bias.device))
     if sequence_mask is not None:
         if not isinstance(sequence_mask, torch.Tensor) or sequence_mask.dtype != torch.bool:
             raise TypeError("sequence_mask must be a bool tensor")
@@ -75,9 +91,7 @@ def check_sequence_likelihood_inputs(
                 f"sequence_mask shape {tuple(sequence_mask.shape)} must equal labels.shape[:-1] = "
                 f"{tuple(labels.shape[:-1])}"
             )
-        devices.add(("sequence_mask", sequence_mask.device))
-    if len({d for _, d in devices}) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=str)))
+    _one_device({"hidden": hidden, "weight": weight, "labels": labels, "bias": bias, "sequence_mask": sequence_mask})
     if labels.shape[:-1].numel() == 0:  # no sequences at all; T = 0 instead makes every sequence empty
         return
 
@@ -88,14 +102,86 @@ def check_sequence_likelihood_inputs(
         empty &= sequence_mask
     has_bad, has_empty = torch.stack([bad.any(), empty.any()]).tolist()  # the one host sync
     if has_bad:
-        idx = _first_index(bad)
+        idx = first_index(bad)
         raise ValueError(
             f"labels{list(idx)} = {int(labels[idx])} is outside [0, V={V}) and is not ignore_index={ignore_index}"
         )
     if has_empty:
-        idx = _first_index(empty)
+        idx = first_index(empty)
         raise ValueError(
             f"sequence {list(idx)} has no target tokens (every label is ignore_index={ignore_index}); its "
             "log-likelihood is undefined, not 0. Drop it, or mark it as padding with sequence_mask (it then "
             "comes out as NaN and losses given the same mask ignore it)."
         )
+
+
+def check_loss_inputs(spec, shape: tuple, scores, ref_logps, response_mask, *, logps=None) -> None:
+    """Shapes, dtypes, devices and the reference requirement of loss ``spec``; no device synchronization.
+
+    Args:
+        shape: the ``(B, K)`` every input must have (``logps.shape``, or ``hidden.shape[:2]`` before the op).
+    """
+    if len(shape) != 2:
+        raise ValueError(f"logps must be [B, K] (prompts x responses), got shape {shape}")
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a [B, K] tensor, got {type(scores).__name__}")
+    if scores.dtype == torch.bool or scores.dtype.is_complex:
+        raise TypeError(f"scores must be a real-valued tensor, got {scores.dtype}")
+    if tuple(scores.shape) != shape:
+        raise ValueError(f"scores shape {tuple(scores.shape)} must equal logps shape [B, K] = {shape}")
+    if spec.needs_reference:
+        if ref_logps is None:
+            raise ValueError(
+                f"{spec.name} needs ref_logps: the reference model's [B, K] log-likelihoods with reduction="
+                f"{spec.reduction!r} (e.g. fused_sequence_likelihood under torch.no_grad()); got None"
+            )
+        if not isinstance(ref_logps, torch.Tensor) or not ref_logps.dtype.is_floating_point:
+            raise TypeError(f"ref_logps must be a floating-point [B, K] tensor, got {_kind(ref_logps)}")
+        if tuple(ref_logps.shape) != shape:
+            raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} must equal logps shape [B, K] = {shape}")
+    if response_mask is not None:
+        if not isinstance(response_mask, torch.Tensor) or response_mask.dtype != torch.bool:
+            raise TypeError(f"response_mask must be a bool [B, K] tensor, got {_kind(response_mask)}")
+        if tuple(response_mask.shape) != shape:
+            raise ValueError(f"response_mask shape {tuple(response_mask.shape)} must equal logps shape [B, K] = "
+                             f"{shape}")
+    _one_device({"scores": scores, "logps": logps, "response_mask": response_mask,
+                 "ref_logps": ref_logps if spec.needs_reference else None})
+
+
+def check_loss_data(spec, hp: dict, logps, scores, ref_logps, response_mask) -> None:
+    """Data errors at real responses of loss ``spec``, naming the first index; one host synchronization."""
+    real = response_mask if response_mask is not None else torch.ones_like(logps, dtype=torch.bool)
+    s = scores.detach().double()
+    checks = [  # (bad [B, K] or [B] mask, message builder)
+        (real & ~torch.isfinite(logps), lambda i: f"logps{list(i)} = {logps[i].item()} at a real response; "
+         "log-likelihoods of real responses must be finite (mark padding with response_mask)"),
+        (real & (logps > 0), lambda i: f"logps{list(i)} = {logps[i].item():.6g} > 0 is not a log-likelihood "
+         "(pass log-probabilities, not losses or NLLs)"),
+        (real & ~torch.isfinite(s), lambda i: f"scores{list(i)} = {scores[i].item()} at a real response; "
+         "every real response needs a finite score"),
+    ]
+    if ref_logps is not None and spec.needs_reference:
+        checks += [
+            (real & ~torch.isfinite(ref_logps), lambda i: f"ref_logps{list(i)} = {ref_logps[i].item()} at a real "
+             "response; reference log-likelihoods of real responses must be finite"),
+            (real & (ref_logps > 0), lambda i: f"ref_logps{list(i)} = {ref_logps[i].item():.6g} > 0 is not a "
+             "log-likelihood"),
+        ]
+    n_real = real.sum(-1)
+    checks.append((n_real < spec.min_responses, lambda i: (
+        f"prompt {i[0]} has {int(n_real[i])} real response{'s' if int(n_real[i]) != 1 else ''}; "
+        f"{spec.name} needs at least {spec.min_responses}")))
+    if isinstance(hp.get("kl"), torch.Tensor):  # a number is checked with the other hyperparameters
+        kl = hp["kl"].detach().to(logps.device)
+        checks.append((~torch.isfinite(kl) | (kl < 0), lambda i: (
+            f"{spec.name} hyperparameter kl = {kl.item()} must be finite and >= 0 (a KL estimate)")))
+    if "score_scale" in hp:
+        scale = hp["score_scale"]
+        checks.append((real & torch.isfinite(s) & ((s < 0) | (s > scale)), lambda i: (
+            f"scores{list(i)} = {scores[i].item():.6g} is outside [0, score_scale={scale}]; {spec.name} targets "
+            "score / score_scale must lie in [0, 1] (set score_scale to the top of your score range)")))
+    flags = torch.stack([bad.any() for bad, _ in checks]).tolist()  # the one host sync
+    for (bad, message), flagged in zip(checks, flags):
+        if flagged:
+            raise ValueError(message(first_index(bad)))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mppo_kernels.losses import check_loss_inputs, preference_loss_and_metrics, resolve_hparams
+from mppo_kernels.checks import check_loss_inputs
+from mppo_kernels.losses import preference_loss_and_metrics, resolve_hparams
 from mppo_kernels.sequence_likelihood import fused_sequence_likelihood
 
 __all__ = ["fused_preference_loss", "FusedPreferenceLoss"]
@@ -57,7 +58,7 @@ def fused_preference_loss(
     Returns:
         ``(loss, metrics)``: the 0-dim fp32 loss, and a dict of detached 0-dim fp32 tensors
         (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-        ``logps/chosen``, ``logps/rejected``, ``mean_p``, ``best_top_accuracy``, and loss-specific
+        ``logps/chosen``, ``logps/rejected``, ``mean_p``, ``reward_top_accuracy``, and loss-specific
         extras; see ``mppo_kernels.losses.preference_metrics``).
 
     Example::

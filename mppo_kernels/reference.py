@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mppo_kernels.checks import check_sequence_likelihood_inputs
+from mppo_kernels.checks import accumulation_dtype, check_sequence_likelihood_inputs
 
 __all__ = ["sequence_likelihood_reference"]
 
@@ -46,8 +46,7 @@ def sequence_likelihood_reference(
     """
     if validate:
         check_sequence_likelihood_inputs(hidden, weight, labels, bias, ignore_index, reduction, sequence_mask)
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = F.linear(hidden, weight, bias).to(out_dtype)  # [..., T, V]
+    logits = F.linear(hidden, weight, bias).to(accumulation_dtype(hidden.dtype))  # [..., T, V]
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < weight.shape[0])
     safe = torch.where(valid & in_range, labels, 0).long()

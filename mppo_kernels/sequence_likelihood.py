@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from mppo_kernels.checks import check_sequence_likelihood_inputs
+from mppo_kernels.checks import accumulation_dtype, check_sequence_likelihood_inputs
 
 try:
     import triton
@@ -195,7 +195,7 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
-def _launch_args(hidden2d: torch.Tensor, weight: torch.Tensor):
+def _launch_args(hidden2d: torch.Tensor):
     """Kernel flags shared by both passes: how to run tl.dot and which config path to take."""
     interp = _interpreting()
     precision = "ieee"
@@ -243,7 +243,7 @@ def _fwd_grid(n: int, V: int, config: dict, sms: int | None):
 
 def _fwd_triton(hidden2d, weight, bias, rows, targets):
     n, (V, D) = rows.numel(), weight.shape
-    flags, interp = _launch_args(hidden2d, weight)
+    flags, interp = _launch_args(hidden2d)
     kernel, config = _kernel(sequence_logprob_fwd_kernel, _fwd_tuned, n, V, interp)
     n_splits, grid = _fwd_grid(n, V, config, None if interp else _num_sms(hidden2d.device.index or 0))
     split_max = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
@@ -259,7 +259,7 @@ def _fwd_triton(hidden2d, weight, bias, rows, targets):
 
 
 def _fwd_torch(hidden2d, weight, bias, rows, targets, vocab_chunk):
-    h = hidden2d.index_select(0, rows).to(_acc_dtype(hidden2d))  # [n, D]
+    h = hidden2d.index_select(0, rows).to(accumulation_dtype(hidden2d.dtype))  # [n, D]
     lse = torch.full((rows.numel(),), float("-inf"), device=h.device, dtype=h.dtype)
     target_logit = torch.full_like(lse, float("nan"))
     for v_lo in range(0, weight.shape[0], vocab_chunk):
@@ -270,10 +270,6 @@ def _fwd_torch(hidden2d, weight, bias, rows, targets, vocab_chunk):
         picked = z.gather(1, torch.where(inside, local, 0).unsqueeze(1)).squeeze(1)
         target_logit = torch.where(inside, picked, target_logit)
     return lse, target_logit
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _logits_torch(h_acc, weight, bias, v_lo, v_hi):
@@ -332,7 +328,7 @@ def sequence_logprob_fwd(hidden, weight, bias, labels, ignore_index, impl, vocab
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     rows, targets = _compact(labels, ignore_index)
-    acc = _acc_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     if rows.numel() == 0:
         lse = torch.zeros(0, device=hidden.device, dtype=acc)
         target_logit = lse
@@ -364,7 +360,7 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     dtype, n = hidden.dtype, rows.numel()
-    acc = _acc_dtype(hidden)
+    acc = accumulation_dtype(hidden.dtype)
 
     d_weight = torch.zeros_like(weight) if need_w and n == 0 else (torch.empty_like(weight) if need_w else None)
     d_bias = torch.zeros(V, device=weight.device, dtype=acc) if need_b else None
@@ -378,7 +374,7 @@ def sequence_logprob_bwd(hidden, weight, bias, rows, targets, lse, grad_tokens, 
         h_rows = (hidden2d if all_rows else hidden2d.index_select(0, rows)) if (need_w or impl == "torch") else None
         h_acc = h_rows.to(acc) if impl == "torch" else None
         if impl == "triton":
-            flags, interp = _launch_args(hidden2d, weight)
+            flags, interp = _launch_args(hidden2d)
             kernel, config = _kernel(sequence_logprob_bwd_kernel, _bwd_tuned, n, V, interp)
         for v_lo in range(0, V, vocab_chunk):
             v_hi = min(v_lo + vocab_chunk, V)

@@ -496,13 +496,13 @@ def test_metrics_are_detached_scalars(name):
     loss, m = preference_loss_and_metrics(name, lp, scores, ref_logps=ref, response_mask=mask, token_counts=counts,
                                           **gen())
     required = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "best_top_accuracy", "mean_p"}
+                "logps/rejected", "reward_top_accuracy", "mean_p"}
     assert required <= set(m)
     for key, v in m.items():
         assert v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad and torch.isfinite(v), key
     torch.testing.assert_close(loss, preference_loss(name, lp, scores, ref_logps=ref, response_mask=mask, **gen()))
     torch.testing.assert_close(m["rewards/margins"], m["rewards/chosen"] - m["rewards/rejected"])
-    assert 0 <= m["rewards/accuracies"] <= 1 and 0 <= m["best_top_accuracy"] <= 1 and 0 < m["mean_p"] <= 1
+    assert 0 <= m["rewards/accuracies"] <= 1 and 0 <= m["reward_top_accuracy"] <= 1 and 0 < m["mean_p"] <= 1
 
 
 def test_metric_values_for_dpo_and_pair_mnm():
@@ -517,12 +517,20 @@ def test_metric_values_for_dpo_and_pair_mnm():
     torch.testing.assert_close(m["rewards/accuracies"], torch.tensor(0.5))
     torch.testing.assert_close(m["logps/chosen"], torch.tensor(-4.5))
     # highest reward: prompt 0 -> response 0 (best: yes), prompt 1 -> response 1 (score 2: no)
-    torch.testing.assert_close(m["best_top_accuracy"], torch.tensor(0.5))
+    torch.testing.assert_close(m["reward_top_accuracy"], torch.tensor(0.5))
     torch.testing.assert_close(m["mean_p"], (logps / counts).exp().mean())
     assert "mean_p" not in preference_metrics("dpo", logps, scores, ref_logps=ref)  # sum logps, no counts
     m = preference_metrics("pair_mnm", logps, scores)
     torch.testing.assert_close(m["rewards/chosen"], (torch.tensor(-3.0).exp() + torch.tensor(-6.0).exp()) / 2)
     torch.testing.assert_close(m["mean_p"], logps.exp().mean())
+    # ORPO's metrics carry TRL's names and meanings: log_odds_chosen is the mean log odds ratio,
+    # log_odds_ratio the mean of log σ(log odds) (the term λ multiplies), nll_loss the chosen NLL.
+    m = preference_metrics("orpo", logps / 10, scores)
+    lw, ll = torch.tensor([-0.3, -0.6]), torch.tensor([-0.5, -0.2])  # chosen, rejected of prompts 0, 1
+    log_odds = (lw - ll) - (torch.log1p(-lw.exp()) - torch.log1p(-ll.exp()))
+    torch.testing.assert_close(m["log_odds_chosen"], log_odds.mean())
+    torch.testing.assert_close(m["log_odds_ratio"], torch.nn.functional.logsigmoid(log_odds).mean())
+    torch.testing.assert_close(m["nll_loss"], -lw.mean())
     nan = preference_metrics("pair_mnm", logps[2:], scores[2:])
     assert torch.isnan(nan["rewards/chosen"]) and torch.isfinite(nan["mean_p"])  # undefined, not 0
 

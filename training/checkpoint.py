@@ -43,6 +43,29 @@ def run_settings(args, *, global_batch_size: int, mixed_precision: str) -> dict:
     return json.loads(json.dumps(settings))  # what reading it back from the file gives (tuples -> lists)
 
 
+def prepare_run_dir(args, accelerator, settings: dict):
+    """``(start_step, checkpoint or None)``: refuse a directory holding another run, or a checkpoint of
+    another run, naming the differences; clear a run being replaced; record this run's settings."""
+    ckpt, state = None, None
+    if args.resume:
+        ckpt = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+        if ckpt is None:
+            accelerator.print(f"--resume: no checkpoint in {args.output_dir}/checkpoints, starting from scratch")
+        else:
+            state, diff = resume_state(ckpt, settings, allow_changes=args.allow_setting_changes)
+            if diff:
+                accelerator.print(f"warning: resuming {ckpt} with changed settings: {'; '.join(diff)}")
+    action = check_output_dir(args.output_dir, settings, overwrite=args.overwrite) if ckpt is None else None
+    accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
+    if accelerator.is_main_process:
+        if action == "replace":
+            accelerator.print(f"replacing the outputs of the earlier run in {args.output_dir}")
+            clear_run(args.output_dir)
+        write_settings(args.output_dir, settings)
+    accelerator.wait_for_everyone()
+    return (state["step"] if state else 0), ckpt
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """``["lr 0.001 -> 0.003", ...]`` for every setting that differs between two runs."""
     out = []

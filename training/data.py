@@ -31,6 +31,7 @@ SCHEMA_COLUMNS = {
 }
 FORMATS = tuple(SCHEMA_COLUMNS)
 DATA_FILE_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+IGNORE_INDEX = -100  # label of every position that is not a response token
 
 
 class DataError(ValueError):
@@ -450,7 +451,7 @@ def prepare_dataset(raw, tokenizer, *, fmt: str | None = None, max_length: int =
 
 
 # --------------------------------------------------------------------------------------------- batching
-def collate(rows: list[dict], *, pad_id: int, ignore_index: int = -100) -> dict:
+def collate(rows: list[dict], *, pad_id: int, ignore_index: int = IGNORE_INDEX) -> dict:
     """Pad a list of tokenized rows to ``[B, K, T]`` (K = most responses in the batch).
 
     ``labels[b, k, t]`` is the token predicted from position t, i.e. ``input_ids[b, k, t + 1]`` where that
@@ -485,6 +486,13 @@ def collate(rows: list[dict], *, pad_id: int, ignore_index: int = -100) -> dict:
     if has_ref:
         batch["ref_logps"] = ref_logps
     return batch
+
+
+def make_batch(ds, indices, tokenizer, device) -> dict:
+    """Rows ``indices`` of a tokenized dataset, collated and on ``device``."""
+    cols = ds[list(indices)]  # one column read per field, not one row read per index
+    batch = collate([dict(zip(cols, vals)) for vals in zip(*cols.values())], pad_id=tokenizer.pad_token_id)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def steps_per_epoch(n_rows: int, global_batch_size: int) -> int:

@@ -1,4 +1,5 @@
-"""The trained module: a causal LM whose preference loss is computed inside ``forward`` through the fused op.
+"""The model: loading it (a hub id, a local directory or the embedded tiny Llama), LoRA, saving it, and the
+trained module, a causal LM whose preference loss is computed inside ``forward`` through the fused op.
 
 Why a wrapper module: the fused op reads the LM-head weight directly (it never calls the head, so full
 ``[tokens, V]`` logits are never built). Sharded data-parallel engines only materialize a parameter inside
@@ -25,14 +26,63 @@ import torch
 from torch import nn
 
 from mppo_kernels import fused_sequence_likelihood
+from mppo_kernels.fused_loss import fused_preference_loss
+from mppo_kernels.losses import LOSSES, preference_loss
+from training import embedded
+from training.data import IGNORE_INDEX
+from training.options import UsageError
 
 
-def loss_api():
-    """``(LOSSES, preference_loss, fused_preference_loss)`` from the package."""
-    from mppo_kernels.fused_loss import fused_preference_loss
-    from mppo_kernels.losses import LOSSES, preference_loss
+def load_model_and_tokenizer(args):
+    """``(model, tokenizer)``: ``--model`` from the hub or a directory, else the embedded tiny Llama."""
+    if args.model is None:
+        tokenizer = embedded.build_char_tokenizer()
+        model = embedded.build_tiny_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                          num_heads=args.num_heads, max_positions=max(64, args.max_length),
+                                          seed=args.seed)
+        if args.dtype not in ("float32", "auto"):
+            model = model.to(getattr(torch, args.dtype))
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return LOSSES, preference_loss, fused_preference_loss
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer" if args.tokenizer else "model", args.tokenizer or args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": getattr(torch, args.dtype) if args.dtype != "auto" else "auto"}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    model = _from_pretrained(AutoModelForCausalLM, "model", args.model, **kwargs)
+    return model, tokenizer
+
+
+def _from_pretrained(auto_class, option: str, name: str, **kwargs):
+    """``auto_class.from_pretrained``; a path or hub id that cannot be loaded is reported in one line."""
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # missing files, offline hub, unknown architecture
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"--{option} {name}: cannot load it ({type(e).__name__}: {first})") from None
+
+
+def apply_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                        lora_dropout=args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_final_model(accelerator, pm, tokenizer, path: str):
+    """Save the policy (adapter only for LoRA) and tokenizer; the full state is gathered under FSDP/ZeRO-3."""
+    state = accelerator.get_state_dict(pm)
+    unwrapped = accelerator.unwrap_model(pm)
+    if accelerator.is_main_process:
+        policy_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        unwrapped.model.save_pretrained(path, state_dict=policy_state, save_function=accelerator.save)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
 
 
 def _base(model):
@@ -72,10 +122,9 @@ class PreferenceModel(nn.Module):
     policy with its LoRA adapter disabled (no copy), or from a frozen deep copy of the initial model.
     """
 
-    def __init__(self, model, loss_name: str, *, hparams: dict | None = None, ignore_index: int = -100,
+    def __init__(self, model, loss_name: str, *, hparams: dict | None = None, ignore_index: int = IGNORE_INDEX,
                  reference: str = "auto", zero3: bool = False):
         super().__init__()
-        LOSSES, _, _ = loss_api()
         if loss_name not in LOSSES:
             raise ValueError(f"unknown loss {loss_name!r}; choose from {sorted(LOSSES)}")
         if reference not in ("auto", "precomputed"):
@@ -130,7 +179,6 @@ class PreferenceModel(nn.Module):
         """``mode="train"``: ``(loss, metrics)`` through ``fused_preference_loss``.
         ``mode="eval"``: ``(loss, logps)`` with ``logps [B, K]`` the mean log-likelihood (NaN at padding).
         ``mode="ref"``: the reference log-probs ``[B, K]`` for precomputing (policy before training)."""
-        _, preference_loss, fused_preference_loss = loss_api()
         if mode == "ref":
             return self.reference_logps(input_ids, attention_mask, labels, response_mask)
         if self.spec.needs_reference and ref_logps is None:

@@ -74,13 +74,13 @@ def test_embedded_default_learns(tmp_path):
     log = run(["--hidden-size", "64", "--num-layers", "1", "--train-size", "2048", "--eval-size", "256",
                "--epochs", "1", "--eval-every", "32", "--no-progress", "--output-dir", str(out)])
     s = summary(out)
-    before, after = s["before"]["eval/best_top_accuracy"], s["after"]["eval/best_top_accuracy"]
+    before, after = s["before"]["eval/likelihood_top_accuracy"], s["after"]["eval/likelihood_top_accuracy"]
     assert s["before"]["eval/chance"] == pytest.approx(0.25)
     assert after >= before + 0.25 and after >= 0.5, (before, after)
     assert s["after"]["eval/loss"] < s["before"]["eval/loss"]
     assert f"before {before:.3f} -> after {after:.3f}" in log
     assert "train data (responses): 2048 rows, 2048 kept; skipped: none" in log
-    evals = [r["step"] for r in records(out) if "eval/best_top_accuracy" in r]
+    evals = [r["step"] for r in records(out) if "eval/likelihood_top_accuracy" in r]
     assert evals == [0, 32, 64]  # before, periodic, after
     assert (out / "training_curves.png").stat().st_size > 10_000
     assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer.json").exists()
@@ -137,7 +137,7 @@ def test_two_processes_equal_one(tmp_path):
     # Held-out evaluation is sharded over the processes and summed: the same prompts are counted once.
     for a, b in zip((r for r in records(one) if "eval/loss" in r), (r for r in records(two) if "eval/loss" in r)):
         assert a["eval/prompts"] == b["eval/prompts"] == 64
-        assert a["eval/best_top_accuracy"] == b["eval/best_top_accuracy"]
+        assert a["eval/likelihood_top_accuracy"] == b["eval/likelihood_top_accuracy"]
         assert a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-5)
 
 
