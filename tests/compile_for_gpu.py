@@ -11,16 +11,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mppo_kernels import sequence_likelihood as sl
+from mppo_kernels.kernels import triton_likelihood as tk
 
 SIGNATURES = {
-    sl.sequence_logprob_fwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
-    sl.sequence_logprob_bwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*{dt}"] + ["i32"] * 7,
+    tk.sequence_logprob_fwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*fp32"] + ["i32"] * 5
+    + ["fp32"] * 2,
+    tk.sequence_logprob_bwd_kernel: ["*{dt}", "*{dt}", "*{dt}", "*i64", "*i64", "*fp32", "*fp32", "*{dt}"] + ["i32"] * 7
+    + ["fp32"] * 3,
 }
 
 
 def compile_kernel(kernel, dtype, capability, config):
-    constants = {"HAS_BIAS": True, "DOT_F32": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    constants = {"HAS_BIAS": True, "SOFTCAP": True, "DOT_F32": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     constants.update(config.kwargs)
     names = kernel.arg_names
     signature = dict(zip(names, (s.format(dt=dtype) for s in SIGNATURES[kernel])))
@@ -34,7 +36,7 @@ def compile_kernel(kernel, dtype, capability, config):
 
 
 def main():
-    config = sl._gpu_configs()[0]
+    config = tk.gpu_configs()[0]
     for capability in (80, 90):
         for dtype in ("bf16", "fp32"):
             for kernel in SIGNATURES:

@@ -35,3 +35,13 @@ def poison_empty(monkeypatch):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def small_native_tiles(monkeypatch):
+    """Small tiles for the native CPU kernels, as the interpreter gets (conftest of the Triton path): odd test
+    shapes then cross several token tiles, vocabulary tiles and threads' shares of the vocabulary."""
+    from mppo_kernels.kernels import native
+
+    monkeypatch.setattr(native, "BLOCK_M", 16)
+    monkeypatch.setattr(native, "BLOCK_V", 32)

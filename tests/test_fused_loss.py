@@ -11,7 +11,7 @@ from mppo_kernels import sequence_likelihood as sl
 from mppo_kernels.losses import LOSSES, preference_loss_and_metrics
 
 NAMES = sorted(LOSSES)
-IMPLS = ["triton", "torch"] if sl.triton is not None else ["torch"]
+IMPLS = sl.available_impls("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_inputs(device, *, B=3, K=4, T=9, D=24, V=53, dtype=torch.float32, seed=0):

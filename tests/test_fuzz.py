@@ -18,7 +18,7 @@ from mppo_kernels import fused_sequence_likelihood, sequence_likelihood_referenc
 from mppo_kernels import sequence_likelihood as sl
 from mppo_kernels.losses import LOSSES, preference_loss
 
-IMPLS = ["triton", "torch"] if sl.triton is not None else ["torch"]
+IMPLS = sl.available_impls("cuda" if torch.cuda.is_available() else "cpu")
 FUZZ = settings(
     max_examples=int(os.environ.get("MPPO_FUZZ_EXAMPLES", "200")),
     derandomize=not os.environ.get("MPPO_FUZZ_RANDOM"),

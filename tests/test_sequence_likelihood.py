@@ -12,63 +12,12 @@ from hypothesis import strategies as st
 
 import mppo_kernels
 from mppo_kernels import fused_sequence_likelihood, sequence_likelihood_reference
+from helpers import IMPLS, TOL, assert_close_to_truth, check_against_truth, make_inputs, run
 from mppo_kernels import sequence_likelihood as sl
+from mppo_kernels.kernels import native
+from mppo_kernels.kernels import triton_likelihood as tk
 
-IMPLS = ["triton", "torch"] if sl.triton is not None else ["torch"]
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def make_inputs(lead, T, D, V, dtype, device, *, bias=True, seed=0, scale=1.0, prompt=True, holes=True):
-    """Random inputs with a prompt prefix, right padding and holes masked by -100 in every sequence."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, T, D, generator=g) * scale
-    weight = torch.randn(V, D, generator=g) / D**0.5 * 2.0
-    b = torch.randn(V, generator=g) * 0.5 if bias else None
-    labels = torch.randint(0, V, (*lead, T), generator=g)
-    pos = torch.arange(T)
-    if prompt:
-        start = torch.randint(0, max(T // 2, 1), lead, generator=g)
-        labels = labels.masked_fill(pos < start[..., None], -100)
-    stop = torch.randint(max(T // 2, 1), T + 1, lead, generator=g)
-    labels = labels.masked_fill(pos >= stop[..., None], -100)
-    if holes:
-        labels = labels.masked_fill(torch.rand(*lead, T, generator=g) < 0.1, -100)
-    # Every sequence keeps at least one target token (empty ones are tested separately).
-    first_free = labels.ne(-100).any(-1)
-    fallback = torch.randint(0, V, lead, generator=g)
-    labels[..., -1] = torch.where(first_free, labels[..., -1], fallback)
-    to = dict(device=device)
-    return (hidden.to(dtype).to(**to), weight.to(dtype).to(**to),
-            b.to(dtype).to(**to) if b is not None else None, labels.to(**to))
-
-
-def run(fn, hidden, weight, bias, labels, grad_seq, grad_tok, **kw):
-    """Outputs and (hidden, weight, bias) gradients of fn for the upstream gradients given."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    logp, tok = fn(leaves[0], leaves[1], labels, bias=leaves[2], return_token_logps=True, **kw)
-    loss = (logp * grad_seq.to(logp.dtype)).sum() + (tok * grad_tok.to(tok.dtype)).sum()
-    loss.backward()
-    return [logp.detach(), tok.detach()] + [t.grad if t is not None else None for t in leaves]
-
-
-def assert_close_to_truth(name, ours, lowp, truth, dtype):
-    ours, lowp, truth = ours.double(), lowp.double(), truth.double()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - truth).abs().max().item()
-    base = (lowp - truth).abs().max().item()
-    bound = 2 * base + TOL[dtype] * max(truth.abs().max().item(), 1.0)
-    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch low-precision error {base:.3g})"
-
-
-def check_against_truth(hidden, weight, b, labels, gs, gt, dtype, **kw):
-    """Outputs and gradients of the op within the low-precision bound of the fp64 truth; returns the truth."""
-    ours = run(fused_sequence_likelihood, hidden, weight, b, labels, gs, gt, **kw)
-    lowp = run(sequence_likelihood_reference, hidden, weight, b, labels, gs, gt)
-    truth = run(sequence_likelihood_reference, hidden.double(), weight.double(), b.double(), labels, gs, gt)
-    for name, o, lo, t in zip(["logp", "tok", "dh", "dw", "db"], ours, lowp, truth):
-        assert_close_to_truth(name, o, lo, t, dtype)
-    return truth
-
+pytestmark = pytest.mark.usefixtures("small_native_tiles")
 
 CASES = [  # (leading dims, T, D, V, dtype, reduction, bias)
     ((5,), 37, 48, 211, torch.float32, "mean", True),
@@ -130,8 +79,9 @@ def test_repeated_calls_are_bitwise_equal(device, impl):
 def test_frozen_weight_skips_weight_gradient(device, impl, monkeypatch):
     hidden, weight, _, labels = make_inputs((2, 2), 17, 32, 67, torch.float32, device, bias=False)
     seen = []
-    real_bwd = sl.sequence_logprob_bwd
-    monkeypatch.setattr(sl, "sequence_logprob_bwd", lambda *a: seen.append(a[7]) or real_bwd(*a))
+    backend = sl._IMPLS[impl]
+    real_bwd = backend.backward
+    monkeypatch.setattr(backend, "backward", lambda *a, **k: seen.append(a[7]) or real_bwd(*a, **k))
     h = hidden.clone().requires_grad_()
     fused_sequence_likelihood(h, weight, labels, impl=impl).sum().backward()
     assert seen == [(True, False, False)]
@@ -148,10 +98,9 @@ def test_frozen_weight_skips_weight_gradient(device, impl, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_forward_only_saves_nothing(device, impl, monkeypatch):
+def test_forward_only_saves_nothing(device, impl):
     hidden, weight, b, labels = make_inputs((2, 3), 17, 32, 67, torch.float16, device)
     hidden.requires_grad_()
-    monkeypatch.setattr(sl.SequenceLikelihoodFunction, "apply", None)  # any autograd use would fail
     with torch.no_grad():
         logp = fused_sequence_likelihood(hidden, weight, labels, bias=b, impl=impl)
     assert logp.grad_fn is None and logp.dtype == torch.float32
@@ -407,7 +356,7 @@ def test_larger_shapes(device, impl, dtype):
     check_against_truth(hidden, weight, b, labels, gs, gt, dtype, impl=impl, vocab_chunk_size=300)
 
 
-@pytest.mark.skipif(sl.triton is None, reason="needs triton")
+@pytest.mark.skipif(not tk.available(), reason="needs triton")
 def test_kernels_compile_for_gpu_targets():
     """Code generation for sm_80 / sm_90 (the interpreter never runs the compiler)."""
     import os
@@ -424,16 +373,16 @@ def test_kernels_compile_for_gpu_targets():
     assert len(lines) == 8 and all("tensor_cores=True" in line for line in lines), proc.stdout
 
 
-@pytest.mark.skipif(sl.triton is None, reason="needs triton")
+@pytest.mark.skipif(not tk.available(), reason="needs triton")
 def test_vocab_splits_fill_whole_waves():
     # 24 token blocks on 132 SMs: 11 splits make exactly two waves (6 would leave the second nearly empty).
-    assert sl._vocab_splits(24, 128256, 256, 132) == 11
+    assert tk.vocab_splits(24, 128256, 256, 132) == 11
     for m_blocks in (1, 7, 64, 300, 1563):
-        s = sl._vocab_splits(m_blocks, 128256, 256, 132)
-        assert 1 <= s <= sl._MAX_SPLITS
+        s = tk.vocab_splits(m_blocks, 128256, 256, 132)
+        assert 1 <= s <= tk.MAX_SPLITS
         programs = m_blocks * s
-        assert programs / (-(-programs // 132) * 132) >= 0.9 or s == sl._MAX_SPLITS
-    assert sl._vocab_splits(4, 300, 256, 132) == 1  # a vocabulary of two tiles is not split further
+        assert programs / (-(-programs // 132) * 132) >= 0.9 or s == tk.MAX_SPLITS
+    assert tk.vocab_splits(4, 300, 256, 132) == 1  # a vocabulary of two tiles is not split further
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuned kernels run on CUDA only")
@@ -441,18 +390,18 @@ def test_vocab_splits_fill_whole_waves():
 def test_autotuned_path_on_lm_head_sized_problem(dtype):
     # n x V above the autotuning threshold: the tuned configs (large tiles, vocabulary splits) run.
     lead, T, D, V = (2,), 1100, 64, 8200
-    assert 2 * T * V >= sl._AUTOTUNE_MIN_LOGITS
+    assert 2 * T * V >= tk.AUTOTUNE_MIN_LOGITS
     hidden, weight, b, labels = make_inputs(lead, T, D, V, dtype, "cuda", prompt=False, holes=False)
     gs, gt = torch.randn(*lead, device="cuda"), torch.randn(*lead, T, device="cuda")
     check_against_truth(hidden, weight, b, labels, gs, gt, dtype)
 
 
-@pytest.mark.skipif(sl.triton is None, reason="needs triton")
+@pytest.mark.skipif(not tk.available(), reason="needs triton")
 def test_forward_split_count_does_not_depend_on_the_config():
     # The autotuner launches every config on the same buffers; a config that wrote more split rows than
     # the chosen one would leave stale partial sums behind (seen on an H100 with the Gemma-2 head).
     for n, V in [(3600, 256000), (2200, 8200), (2949, 128256), (5, 300)]:
-        n_splits, grid = sl._fwd_grid(n, V, {}, 132)
-        for c in sl._gpu_configs():
+        n_splits, grid = tk.forward_grid(n, V, {}, 132)
+        for c in tk.gpu_configs():
             assert grid(c.kwargs)[1] == n_splits
             assert grid(c.kwargs)[0] == -(-n // c.kwargs["BLOCK_M"])

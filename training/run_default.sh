@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: train the embedded default on CPU and print the held-out accuracy before and after.
-# Sets up .venv the way .ci/run does when it is missing (torch pinned to the CPU wheel CI uses), then runs
+# Sets up .venv the way .ci/run does when it is missing (torch pinned to the CPU wheel CI uses, the native CPU
+# kernels built against it), then runs
 # training/train.py with no arguments: a tiny Llama, a character tokenizer and a generated, verifiable
 # multi-response task (training/embedded.py), loss pair_mnm. Outputs land in runs/default/
 # (metrics.jsonl, training_curves.png, summary.json, TensorBoard logs, final model).
@@ -14,7 +15,8 @@ if ! .venv/bin/python -c "import torch, transformers, datasets, accelerate, peft
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q torch==2.13.0
-    .venv/bin/python -m pip install -q -e '.[train]'
+    .venv/bin/python -m pip install -q "setuptools>=77" wheel
+    .venv/bin/python -m pip install -q --no-build-isolation -e '.[train]'
     echo "setup: $(( $(date +%s) - start )) s"
 fi
 
