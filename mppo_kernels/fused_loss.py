@@ -34,6 +34,7 @@ def fused_preference_loss(
     vocab_chunk_size: int | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    logits_budget: int | None = None,
     **hparams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Preference loss ``name`` of B prompts x K responses from last hidden states, without full logits.
@@ -56,7 +57,7 @@ def fused_preference_loss(
         response_mask: ``[B, K]`` bool, False at padding responses of ragged groups (they may have no
             target tokens; their NaN log-likelihoods never reach the loss or the gradients).
         validate: input checks of the op and of the loss (two host syncs); ``False`` skips both.
-        impl, vocab_chunk_size, logit_scale, softcap: passed to ``fused_sequence_likelihood``.
+        impl, vocab_chunk_size, logit_scale, softcap, logits_budget: passed to ``fused_sequence_likelihood``.
         **hparams: the loss's hyperparameters (``LOSSES[name].defaults``).
 
     Returns:
@@ -82,7 +83,7 @@ def fused_preference_loss(
     logps = fused_sequence_likelihood(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=spec.reduction,
         sequence_mask=response_mask, validate=validate, vocab_chunk_size=vocab_chunk_size, impl=impl,
-        logit_scale=logit_scale, softcap=softcap,
+        logit_scale=logit_scale, softcap=softcap, logits_budget=logits_budget,
     )  # [B, K]
     token_counts = (labels != ignore_index).sum(-1)  # [B, K], for mean p of sum-reduction losses
     return preference_loss_and_metrics(
@@ -109,6 +110,7 @@ def fused_packed_preference_loss(
     vocab_chunk_size: int | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    logits_budget: int | None = None,
     **hparams,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``fused_preference_loss`` on a packed batch: response k of prompt b is sequence ``b·K + k`` of
@@ -130,7 +132,7 @@ def fused_packed_preference_loss(
     logps = fused_packed_likelihood(
         hidden, weight, rows, targets, seq_ids, num_seqs, bias=bias, ignore_index=ignore_index,
         reduction=spec.reduction, sequence_mask=seq_mask, validate=validate, vocab_chunk_size=vocab_chunk_size,
-        impl=impl, logit_scale=logit_scale, softcap=softcap,
+        impl=impl, logit_scale=logit_scale, softcap=softcap, logits_budget=logits_budget,
     ).view(shape)  # [B, K]
     token_counts = torch.zeros(num_seqs, device=seq_ids.device, dtype=torch.long).index_add_(
         0, seq_ids.long(), (targets != ignore_index).long()).view(shape)
@@ -156,7 +158,7 @@ class FusedPreferenceLoss(nn.Module):
 
     def __init__(self, name: str, ignore_index: int = -100, *, validate: bool = True, impl: str = "auto",
                  vocab_chunk_size: int | None = None, logit_scale: float | None = None, softcap: float | None = None,
-                 **hparams):
+                 logits_budget: int | None = None, **hparams):
         super().__init__()
         self.spec, self.hparams = resolve_hparams(name, hparams)  # unknown names fail here, not mid-training
         self.name = name
@@ -164,7 +166,7 @@ class FusedPreferenceLoss(nn.Module):
         self.validate = validate
         self.impl = impl
         self.vocab_chunk_size = vocab_chunk_size
-        self.logit_scale, self.softcap = logit_scale, softcap
+        self.logit_scale, self.softcap, self.logits_budget = logit_scale, softcap, logits_budget
 
     @property
     def reduction(self) -> str:
@@ -177,7 +179,7 @@ class FusedPreferenceLoss(nn.Module):
     def _options(self) -> dict:
         return dict(ignore_index=self.ignore_index, validate=self.validate, impl=self.impl,
                     vocab_chunk_size=self.vocab_chunk_size, logit_scale=self.logit_scale, softcap=self.softcap,
-                    **self.hparams)
+                    logits_budget=self.logits_budget, **self.hparams)
 
     def forward(self, hidden, weight, labels, scores, *, bias=None, ref_logps=None, response_mask=None):
         """``(loss, metrics)``; shapes as in ``fused_preference_loss``."""

@@ -85,20 +85,32 @@ def _settings(logit_scale: float, softcap: float, vocab_chunk: int) -> OpSetting
     return OpSettings(logit_scale=logit_scale, softcap=softcap, vocab_chunk=vocab_chunk)
 
 
-def _forward(hidden, weight, bias, targets, rows, ignore_index, settings, impl):
+def _kept_rows(positions: int, V: int, dtype: torch.dtype, logits_budget: int, impl: str) -> int:
+    """Rows whose logits the forward keeps for the backward: as many as ``logits_budget`` bytes hold in the
+    input dtype, at most one per position (a shape from the input shapes, not from the data). The native
+    CPU kernels always recompute."""
+    if logits_budget <= 0 or impl == "native":
+        return 0
+    return min(positions, logits_budget // (V * torch.empty((), dtype=dtype).element_size()))
+
+
+def _forward(hidden, weight, bias, targets, rows, ignore_index, settings, impl, logits_budget):
     acc = accumulation_dtype(hidden.dtype)
-    M = targets.shape[0]
+    M, V = targets.shape[0], weight.shape[0]
     keep, hidden_rows, tgt = _compact(targets, rows, ignore_index)
     token = torch.zeros(M, device=hidden.device, dtype=acc)
     lse = torch.zeros(M, device=hidden.device, dtype=acc)
+    saved = torch.empty((_kept_rows(M, V, hidden.dtype, logits_budget, impl), V), device=hidden.device,
+                        dtype=hidden.dtype)
     if keep.numel():
-        l, t = _IMPLS[impl].forward(hidden, weight, bias, hidden_rows, tgt, settings)
+        kw = {"saved": saved} if saved.shape[0] else {}
+        l, t = _IMPLS[impl].forward(hidden, weight, bias, hidden_rows, tgt, settings, **kw)
         token.index_copy_(0, keep, t - l)  # unique positions: deterministic, unlike index_add_
         lse.index_copy_(0, keep, l)
-    return token, lse
+    return token, lse, saved
 
 
-def _backward_grads(grad, hidden, weight, bias, targets, rows, lse, ignore_index, settings, impl, need_hidden,
+def _backward_grads(grad, hidden, weight, bias, targets, rows, lse, saved, ignore_index, settings, impl, need_hidden,
                     need_weight, need_bias):
     keep, hidden_rows, tgt = _compact(targets, rows, ignore_index)
     need = (need_hidden, need_weight, need_bias and bias is not None)
@@ -106,8 +118,10 @@ def _backward_grads(grad, hidden, weight, bias, targets, rows, lse, ignore_index
     if keep.numel() and any(need):
         acc = accumulation_dtype(hidden.dtype)
         g, l = grad.to(acc).index_select(0, keep), lse.index_select(0, keep)
+        kw = {"saved": saved} if saved.shape[0] else {}
         d_rows, d_weight, d_bias = _IMPLS[impl].backward(
-            hidden, weight, bias, hidden_rows, tgt, l, g, need, settings, all_rows=rows is None and keep.numel() == hidden.shape[0])
+            hidden, weight, bias, hidden_rows, tgt, l, g, need, settings,
+            all_rows=rows is None and keep.numel() == hidden.shape[0], **kw)
     d_hidden = hidden.new_empty(0)  # each unneeded gradient its own empty tensor: outputs may not alias
     if need_hidden:
         if d_rows is None:
@@ -128,8 +142,10 @@ def _backward_grads(grad, hidden, weight, bias, targets, rows, lse, ignore_index
 @torch.library.custom_op("mppo_kernels::token_logprobs", mutates_args=(), device_types=("cpu", "cuda"))
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    rows: Optional[torch.Tensor], ignore_index: int, logit_scale: float, softcap: float,
-                   vocab_chunk: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token_logp [M], lse [M])`` of ``targets [M]`` under the head, fp32 (fp64 for fp64 inputs).
+                   vocab_chunk: int, impl: str, logits_budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(token_logp [M], lse [M], kept [R, V])`` of ``targets [M]`` under the head, fp32 (fp64 for fp64 inputs);
+    ``kept`` holds the logits of the first R scored positions for the backward (R from ``logits_budget`` bytes,
+    ``_kept_rows``; 0 by default).
 
     ``hidden [N, D]`` (last dim contiguous), ``weight [V, D]``, ``bias [V]`` or None; ``rows [M]`` is the hidden
     row each target is predicted from (None: ``M == N`` and target i is predicted from row i). Positions with
@@ -137,30 +153,32 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """
     with torch.no_grad():  # the op's autograd is its own (register_autograd below)
         return _forward(hidden, weight, bias, targets, rows, ignore_index, _settings(logit_scale, softcap, vocab_chunk),
-                        impl)
+                        impl, logits_budget)
 
 
 @token_logprobs.register_fake
-def _(hidden, weight, bias, targets, rows, ignore_index, logit_scale, softcap, vocab_chunk, impl):
+def _(hidden, weight, bias, targets, rows, ignore_index, logit_scale, softcap, vocab_chunk, impl, logits_budget):
     acc = accumulation_dtype(hidden.dtype)
-    return targets.new_empty(targets.shape, dtype=acc), targets.new_empty(targets.shape, dtype=acc)
+    M, V = targets.shape[0], weight.shape[0]
+    return (targets.new_empty(targets.shape, dtype=acc), targets.new_empty(targets.shape, dtype=acc),
+            hidden.new_empty((_kept_rows(M, V, hidden.dtype, logits_budget, impl), V)))
 
 
 @torch.library.custom_op("mppo_kernels::token_logprobs_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def token_logprobs_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor], targets: torch.Tensor, rows: Optional[torch.Tensor],
-                            lse: torch.Tensor, ignore_index: int, logit_scale: float, softcap: float, vocab_chunk: int,
-                            impl: str, need_hidden: bool, need_weight: bool,
+                            lse: torch.Tensor, kept: torch.Tensor, ignore_index: int, logit_scale: float,
+                            softcap: float, vocab_chunk: int, impl: str, need_hidden: bool, need_weight: bool,
                             need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d_hidden [N, D], d_weight [V, D], d_bias [V])`` in the input dtype from ``grad [M]`` = dL/d token_logp;
     a gradient not asked for is an empty ``[0]`` tensor. Sums and the dH accumulation run in fp32."""
     with torch.no_grad():
-        return _backward_grads(grad, hidden, weight, bias, targets, rows, lse, ignore_index,
+        return _backward_grads(grad, hidden, weight, bias, targets, rows, lse, kept, ignore_index,
                                _settings(logit_scale, softcap, vocab_chunk), impl, need_hidden, need_weight, need_bias)
 
 
 @token_logprobs_backward.register_fake
-def _(grad, hidden, weight, bias, targets, rows, lse, ignore_index, logit_scale, softcap, vocab_chunk, impl,
+def _(grad, hidden, weight, bias, targets, rows, lse, kept, ignore_index, logit_scale, softcap, vocab_chunk, impl,
       need_hidden, need_weight, need_bias):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
@@ -168,21 +186,21 @@ def _(grad, hidden, weight, bias, targets, rows, lse, ignore_index, logit_scale,
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, rows, *settings = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, rows, output[1])
+    hidden, weight, bias, targets, rows, *settings, _budget = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, rows, output[1], output[2])
     ctx.settings = settings  # ignore_index, logit_scale, softcap, vocab_chunk, impl
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_token, _grad_lse):
-    hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
+def _backward(ctx, grad_token, _grad_lse, _grad_kept):
+    hidden, weight, bias, targets, rows, lse, kept = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    grads = token_logprobs_backward(grad_token, hidden, weight, bias, targets, rows, lse, *ctx.settings,
+    grads = token_logprobs_backward(grad_token, hidden, weight, bias, targets, rows, lse, kept, *ctx.settings,
                                     need[0], need[1], need[2] and bias is not None)
     grads = tuple(g if n else None for g, n in zip(grads, need))
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         grads = _refuse_double_backward(grads)
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 token_logprobs.register_autograd(_backward, setup_context=_setup_context)
@@ -213,7 +231,7 @@ def _refuse_double_backward(grads):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _prepare(hidden, weight, bias, validate: bool, check, vocab_chunk_size, impl, logit_scale, softcap):
+def _prepare(hidden, weight, bias, validate: bool, check, vocab_chunk_size, impl, logit_scale, softcap, logits_budget):
     """Autocast, checks and settings shared by both forms: ``(hidden2d, weight, bias, impl, settings)``."""
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(device_type):
@@ -229,12 +247,19 @@ def _prepare(hidden, weight, bias, validate: bool, check, vocab_chunk_size, impl
     chunk = DEFAULT_VOCAB_CHUNK if vocab_chunk_size is None else int(vocab_chunk_size)
     if chunk <= 0:
         raise ValueError(f"vocab_chunk_size must be positive, got {vocab_chunk_size}")
+    budget = 0 if logits_budget is None else logits_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"logits_budget must be None or a number of bytes >= 0, got {logits_budget!r}")
+    # Kept logits serve only a backward: none without one.
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                            for t in (hidden, weight, bias))):
+        budget = 0
     impl = _resolve_impl(impl, hidden.device, hidden.dtype)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     hidden2d = hidden2d if hidden2d.stride(-1) == 1 else hidden2d.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    return hidden2d, weight, bias, impl, (scale, cap, chunk, impl)
+    return hidden2d, weight, bias, impl, (scale, cap, chunk, impl, budget)
 
 
 def _token_logps(hidden2d, weight, bias, targets, rows, ignore_index, settings):
@@ -262,6 +287,7 @@ def fused_sequence_likelihood(
     impl: str = "auto",
     logit_scale: float | None = None,
     softcap: float | None = None,
+    logits_budget: int | None = None,
 ):
     """Log-likelihood of each sequence under the LM head, without building the ``[tokens, V]`` logits.
 
@@ -301,6 +327,10 @@ def fused_sequence_likelihood(
         logit_scale: multiply the logits by it (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``).
         softcap: soft-cap the (scaled) logits to ``softcap·tanh(z / softcap)`` (Gemma-2's
             ``final_logit_softcapping``). None (default) for neither: today's plain head.
+        logits_budget: bytes the forward may spend keeping logits for the backward (Triton and torch paths):
+            the logits of as many scored positions as fit are kept in the input dtype (with the fp32
+            log-sum-exp) and not recomputed, 6·n·D·V FLOPs for those instead of 8·n·D·V. None (default): none
+            kept, the workspace stays bounded by ``vocab_chunk_size``. Used only when a backward will run.
 
     Returns:
         ``[...]`` float32 per-sequence log-likelihood (float64 for float64 inputs), and the ``[..., T]``
@@ -321,7 +351,7 @@ def fused_sequence_likelihood(
         check_sequence_likelihood_inputs(h, w, labels, b, ignore_index, reduction, sequence_mask)
 
     hidden2d, weight, bias, impl, settings = _prepare(hidden, weight, bias, validate, check, vocab_chunk_size, impl,
-                                                      logit_scale, softcap)
+                                                      logit_scale, softcap, logits_budget)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be one of ('mean', 'sum'), got {reduction!r}")
     token_logps = _token_logps(hidden2d, weight, bias, labels.reshape(-1), None, ignore_index, settings)
@@ -348,6 +378,7 @@ def fused_packed_likelihood(
     impl: str = "auto",
     logit_scale: float | None = None,
     softcap: float | None = None,
+    logits_budget: int | None = None,
 ):
     """Per-sequence log-likelihood from packed hidden rows: each target token names the row it is predicted
     from and the sequence it belongs to. For prefix-shared batches, where a prompt's last row predicts the
@@ -376,7 +407,7 @@ def fused_packed_likelihood(
                                        sequence_mask)
 
     hidden2d, weight, bias, impl, settings = _prepare(hidden, weight, bias, validate, check, vocab_chunk_size, impl,
-                                                      logit_scale, softcap)
+                                                      logit_scale, softcap, logits_budget)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be one of ('mean', 'sum'), got {reduction!r}")
     token_logps = _token_logps(hidden2d, weight, bias, targets, rows, ignore_index, settings)  # [n]

@@ -18,31 +18,33 @@ CPU_IMPLS = [i for i in IMPLS if i != "triton"]  # opcheck and compile run the r
 OPS = torch.ops.mppo_kernels
 
 
-def op_args(impl, *, bias=True, rows=False, dtype=torch.float32):
+def op_args(impl, *, bias=True, rows=False, dtype=torch.float32, budget=0):
     hidden, weight, b, labels = make_inputs((2, 3), 13, 24, 71, dtype, "cpu", bias=bias)
     h2, y = hidden.reshape(-1, 24), labels.reshape(-1)
     r = None
     if rows:  # a packed layout: some rows predict two targets
         r = torch.arange(h2.shape[0]).flip(0) // 2
     return [h2.requires_grad_(), weight.requires_grad_(), b.requires_grad_() if b is not None else None, y, r, -100,
-            0.5, 3.0, 32, impl]
+            0.5, 3.0, 32, impl, budget]
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("bias,rows", [(True, False), (False, True)])
-def test_opcheck_forward(impl, bias, rows):
-    torch.library.opcheck(OPS.token_logprobs, op_args(impl, bias=bias, rows=rows))
+@pytest.mark.parametrize("bias,rows,budget", [(True, False, 0), (False, True, 0), (True, False, 20 * 71 * 4)])
+def test_opcheck_forward(impl, bias, rows, budget):
+    torch.library.opcheck(OPS.token_logprobs, op_args(impl, bias=bias, rows=rows, budget=budget))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)])
-def test_opcheck_backward(impl, need):
-    args = op_args(impl, rows=True)
+@pytest.mark.parametrize("need,budget", [((True, True, True), 0), ((True, False, False), 0), ((False, True, True), 0),
+                                         ((True, True, True), 20 * 71 * 4)])
+def test_opcheck_backward(impl, need, budget):
+    args = op_args(impl, rows=True, budget=budget)
     with torch.no_grad():
-        token, lse = OPS.token_logprobs(*args)
+        token, lse, kept = OPS.token_logprobs(*args)
+    assert kept.shape == ((20 if budget and impl != "native" else 0), 71)
     grad = torch.randn_like(token)
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(OPS.token_logprobs_backward, [grad, *detached[:5], lse, *detached[5:], *need])
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+    torch.library.opcheck(OPS.token_logprobs_backward, [grad, *detached[:5], lse, kept, *detached[5:], *need])
 
 
 def _compiled_vs_eager(fn, *inputs):

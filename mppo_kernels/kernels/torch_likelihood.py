@@ -27,12 +27,16 @@ def _logits(h_acc, weight, bias, v_lo, v_hi, settings: OpSettings):
     return settings.softcap * t, t
 
 
-def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings):
+def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings, saved=None):
+    """``saved [cap, V]``: also keep the logits of the first ``min(n, cap)`` rows there (input dtype)."""
     h = hidden2d.index_select(0, rows).to(accumulation_dtype(hidden2d.dtype))  # [n, D]
+    k = min(rows.numel(), saved.shape[0]) if saved is not None else 0
     lse = torch.full((rows.numel(),), float("-inf"), device=h.device, dtype=h.dtype)
     target_logit = torch.full_like(lse, float("nan"))  # stays NaN for an out-of-range target
     for v_lo in range(0, weight.shape[0], settings.vocab_chunk):
         z, _ = _logits(h, weight, bias, v_lo, v_lo + settings.vocab_chunk, settings)  # [n, Vc]
+        if k:
+            saved[:k, v_lo : v_lo + z.shape[1]] = z[:k]
         lse = torch.logaddexp(lse, z.logsumexp(-1))
         local = targets - v_lo
         inside = (local >= 0) & (local < z.shape[1])
@@ -41,7 +45,9 @@ def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings):
     return lse, target_logit
 
 
-def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: OpSettings, *, all_rows=False):
+def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: OpSettings, *, all_rows=False,
+             saved=None):
+    """``saved``: the logits the forward kept for its first rows, which are then not recomputed."""
     need_h, need_w, need_b = need
     acc = accumulation_dtype(hidden2d.dtype)
     n, (V, D) = rows.numel(), weight.shape
@@ -50,9 +56,15 @@ def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: O
     d_bias = torch.zeros(V, device=weight.device, dtype=acc) if need_b else None
     d_rows = torch.zeros((n, D), device=hidden2d.device, dtype=acc) if need_h else None
     g = grad.to(acc)[:, None]
+    k = min(n, saved.shape[0]) if saved is not None else 0
     for v_lo in range(0, V, settings.vocab_chunk):
         v_hi = min(v_lo + settings.vocab_chunk, V)
-        z, t = _logits(h, weight, bias, v_lo, v_hi, settings)
+        z, t = _logits(h[k:], weight, bias, v_lo, v_hi, settings)
+        if k:  # kept rows: their logits as the forward computed them, in the input dtype
+            kept = saved[:k, v_lo:v_hi].to(acc)
+            z = torch.cat([kept, z])
+            if t is not None:
+                t = torch.cat([kept / settings.softcap, t])
         local = targets - v_lo
         inside = (local >= 0) & (local < v_hi - v_lo)
         onehot = torch.zeros_like(z).scatter_(1, torch.where(inside, local, 0)[:, None], inside[:, None].to(acc))

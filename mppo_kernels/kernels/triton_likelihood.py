@@ -108,11 +108,12 @@ if triton is not None:
     def sequence_logprob_fwd_kernel(
         p_h, p_w, p_b, p_rows, p_y,         # hidden [N, D], weight [V, D], bias [V], rows [n], targets [n]
         p_m, p_s, p_tgt,                    # out: split max [S, n], split sum-exp [S, n], target logit [n]
-        n, V, D,
-        stride_h, stride_w,
+        p_zs,                               # out (KEEP): logits of rows < n_keep [n_keep, V], input dtype
+        n, V, D, n_keep,
+        stride_h, stride_w, stride_zs,
         pre, softcap,                       # logit transform: z = softcap·tanh(u) or u, u = pre·(h·Wᵀ + b)
-        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, KEEP: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         i_m = tl.program_id(0)
         i_s = tl.program_id(1)
@@ -133,6 +134,9 @@ if triton is not None:
                                HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION)
             if SOFTCAP:
                 b_z = softcap * _tanh(b_z)
+            if KEEP:  # the backward reads these instead of recomputing them
+                p_out = p_zs + o_m.to(tl.int64)[:, None] * stride_zs + o_v[None, :]
+                tl.store(p_out, b_z.to(p_zs.dtype.element_ty), mask=(m_m & (o_m < n_keep))[:, None] & m_v[None, :])
             b_z = tl.where(m_v[None, :], b_z, float("-inf"))
             hit = o_v[None, :] == b_y[:, None]
             # Exactly one tile of one split holds a row's target; others must not write.
@@ -179,6 +183,33 @@ if triton is not None:
             b_dz = b_dz * (1.0 - b_t * b_t)
         p_out = p_dz + o_m.to(tl.int64)[:, None] * stride_dz + (o_v - v_lo)[None, :]
         tl.store(p_out, b_dz.to(p_dz.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
+
+    @triton.jit
+    def saved_logit_grad_kernel(
+        p_zs, p_y, p_lse, p_g,              # kept logits [n_keep, V], targets, log-sum-exp, dL/d(token log-prob)
+        p_dz,                               # out: as the backward kernel's, for rows < n_keep
+        n_keep, v_lo, v_hi,
+        stride_zs, stride_dz,
+        softcap, scale,
+        SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        i_m = tl.program_id(0)
+        i_v = tl.program_id(1)
+        o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = o_m < n_keep
+        o_v = v_lo + i_v * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_v = o_v < v_hi
+        m = m_m[:, None] & m_v[None, :]
+        b_y = tl.load(p_y + o_m, mask=m_m, other=-1)
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+        b_g = tl.load(p_g + o_m, mask=m_m, other=0.0)
+        b_z = tl.load(p_zs + o_m.to(tl.int64)[:, None] * stride_zs + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dz = b_g[:, None] * (tl.where(o_v[None, :] == b_y[:, None], 1.0, 0.0) - tl.exp(b_z - b_lse[:, None])) * scale
+        if SOFTCAP:  # z = c·t, so 1 − t² = 1 − (z / c)²
+            b_t = b_z / softcap
+            b_dz = b_dz * (1.0 - b_t * b_t)
+        p_out = p_dz + o_m.to(tl.int64)[:, None] * stride_dz + (o_v - v_lo)[None, :]
+        tl.store(p_out, b_dz.to(p_dz.dtype.element_ty), mask=m)
 
     _fwd_tuned = triton.autotune(configs=gpu_configs(), key=["D", "V", "HAS_BIAS", "SOFTCAP", "PRECISION"])(
         sequence_logprob_fwd_kernel
@@ -243,9 +274,10 @@ def forward_grid(n: int, V: int, config: dict, sms: int | None):
     return n_splits, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits)
 
 
-def launch_forward(hidden2d, weight, bias, rows, targets, settings: OpSettings):
+def launch_forward(hidden2d, weight, bias, rows, targets, settings: OpSettings, saved=None):
     """One launch of the forward kernel: ``(split_max [S, n], split_sum [S, n], target_logit [n])`` fp32,
-    unmerged (``forward`` merges the S vocabulary splits)."""
+    unmerged (``forward`` merges the S vocabulary splits). ``saved [cap, V]`` (input dtype): also write the
+    logits of the first ``min(n, cap)`` rows there, for the backward."""
     n, (V, D) = rows.numel(), weight.shape
     kernel, config = _kernel(sequence_logprob_fwd_kernel, _fwd_tuned, n, V)
     n_splits, grid = forward_grid(n, V, config, None if interpreting() else _num_sms(hidden2d.device.index or 0))
@@ -253,17 +285,19 @@ def launch_forward(hidden2d, weight, bias, rows, targets, settings: OpSettings):
     split_sum = torch.empty((n_splits, n), device=hidden2d.device, dtype=torch.float32)
     # NaN stays for a target that is out of range when validation is off: never a silent number.
     target_logit = torch.full((n,), float("nan"), device=hidden2d.device, dtype=torch.float32)
+    keep = saved is not None and saved.shape[0] > 0
     kernel[grid](
         p_h=hidden2d, p_w=weight, p_b=bias if bias is not None else weight, p_rows=rows, p_y=targets,
-        p_m=split_max, p_s=split_sum, p_tgt=target_logit, n=n, V=V, D=D,
-        stride_h=hidden2d.stride(0), stride_w=weight.stride(0), HAS_BIAS=bias is not None,
-        **_flags(hidden2d, settings), **config,
+        p_m=split_max, p_s=split_sum, p_tgt=target_logit, p_zs=saved if keep else split_max,
+        n=n, V=V, D=D, n_keep=min(n, saved.shape[0]) if keep else 0,
+        stride_h=hidden2d.stride(0), stride_w=weight.stride(0), stride_zs=saved.stride(0) if keep else 0,
+        HAS_BIAS=bias is not None, KEEP=keep, **_flags(hidden2d, settings), **config,
     )
     return split_max, split_sum, target_logit
 
 
-def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings):
-    split_max, split_sum, target_logit = launch_forward(hidden2d, weight, bias, rows, targets, settings)
+def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings, saved=None):
+    split_max, split_sum, target_logit = launch_forward(hidden2d, weight, bias, rows, targets, settings, saved)
     top = split_max.max(0).values
     lse = top + (split_sum * torch.exp(split_max - top)).sum(0).log()
     return lse, target_logit
@@ -312,9 +346,24 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += a @ b
 
 
-def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: OpSettings, *, all_rows=False):
+def launch_saved_logit_grad(dz, saved, targets, lse, grad, v_lo: int, settings: OpSettings):
+    """Like ``launch_logit_grad`` for the rows whose logits the forward kept (``saved [n_keep, V]``): no GEMM."""
+    n_keep = dz.shape[0]
+    v_hi = v_lo + dz.shape[1]
+    blocks = INTERPRETER_BLOCKS if interpreting() else {"BLOCK_M": 64, "BLOCK_N": 128}
+    grid = (triton.cdiv(n_keep, blocks["BLOCK_M"]), triton.cdiv(v_hi - v_lo, blocks["BLOCK_N"]))
+    saved_logit_grad_kernel[grid](
+        p_zs=saved, p_y=targets, p_lse=lse, p_g=grad, p_dz=dz, n_keep=n_keep, v_lo=v_lo, v_hi=v_hi,
+        stride_zs=saved.stride(0), stride_dz=dz.stride(0), softcap=settings.softcap or 1.0,
+        scale=settings.logit_scale, SOFTCAP=bool(settings.softcap), BLOCK_M=blocks["BLOCK_M"],
+        BLOCK_N=blocks["BLOCK_N"])
+
+
+def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: OpSettings, *, all_rows=False,
+             saved=None):
     """``all_rows``: ``rows`` is ``arange(N)`` (every position scored), so the hidden states are the dW GEMM's
-    operand as they are, without an ``[n, D]`` copy of the scored rows."""
+    operand as they are, without an ``[n, D]`` copy of the scored rows. ``saved``: the logits the forward
+    kept for its first rows (``launch_forward``), which are then not recomputed."""
     need_h, need_w, need_b = need
     n, (V, D) = rows.numel(), weight.shape
     # dZ goes to cuBLAS in the input dtype, which is what torch's own backward of a bf16 linear layer does
@@ -325,10 +374,14 @@ def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: O
     d_rows = torch.zeros((n, D), device=hidden2d.device, dtype=torch.float32) if need_h else None
     chunk = settings.vocab_chunk
     dz_buf = torch.empty((n, min(chunk, V)), device=hidden2d.device, dtype=hidden2d.dtype)
+    k = min(n, saved.shape[0]) if saved is not None else 0
     for v_lo in range(0, V, chunk):
         v_hi = min(v_lo + chunk, V)
         dz = dz_buf[:, : v_hi - v_lo]
-        launch_logit_grad(dz, hidden2d, weight, bias, rows, targets, lse, grad, v_lo, settings)
+        if k:
+            launch_saved_logit_grad(dz[:k], saved, targets[:k], lse[:k], grad[:k], v_lo, settings)
+        if k < n:
+            launch_logit_grad(dz[k:], hidden2d, weight, bias, rows[k:], targets[k:], lse[k:], grad[k:], v_lo, settings)
         if need_w:  # complete for this chunk: no cross-chunk accumulation
             torch.mm(dz.T, h_rows, out=d_weight[v_lo:v_hi])
         if need_h:
