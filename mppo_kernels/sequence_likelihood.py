@@ -244,8 +244,8 @@ def _prepare(hidden, weight, bias, validate: bool, check, vocab_chunk_size, impl
                                "validate=False inside torch.compile (and validate the batch outside it)")
         check(hidden, weight, bias)
     scale, cap = check_logit_transform(logit_scale, softcap)
-    chunk = DEFAULT_VOCAB_CHUNK if vocab_chunk_size is None else int(vocab_chunk_size)
-    if chunk <= 0:
+    chunk = 0 if vocab_chunk_size is None else int(vocab_chunk_size)  # 0: the backend's choice
+    if vocab_chunk_size is not None and chunk <= 0:
         raise ValueError(f"vocab_chunk_size must be positive, got {vocab_chunk_size}")
     budget = 0 if logits_budget is None else logits_budget
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
@@ -320,7 +320,8 @@ def fused_sequence_likelihood(
             out-of-range label gives NaN for its sequence rather than reading outside the weight. Inside
             ``torch.compile`` pass ``validate=False``.
         vocab_chunk_size: vocabulary columns whose logit gradient the backward holds at once (Triton and
-            torch paths; memory ``n_tokens x chunk`` in the input dtype; default 4096).
+            torch paths; memory ``n_tokens x chunk`` in the input dtype). Default: 4096, and on the Triton
+            path more when few positions are scored (at most 2^24 gradient entries).
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"native"`` (the C++ CPU kernels,
             tiled over tokens and vocabulary), ``"torch"`` (chunked, any device) or ``"auto"`` (Triton on
             CUDA, native on CPU when built, else torch with one warning).

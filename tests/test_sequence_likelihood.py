@@ -406,3 +406,11 @@ def test_forward_split_count_does_not_depend_on_the_config():
         for c in tk.gpu_configs():
             assert grid(c.kwargs)[1] == n_splits
             assert grid(c.kwargs)[0] == -(-n // c.kwargs["BLOCK_M"])
+
+
+@pytest.mark.skipif(not tk.available(), reason="needs triton")
+def test_backward_chunk_widens_for_few_rows():
+    assert tk.backward_chunk(8192, 128256) == 4096  # LM-head sized problems keep the 4096 default
+    wide = tk.backward_chunk(600, 128256)
+    assert wide % 256 == 0 and 600 * (wide - 256) < 1 << 24 <= 600 * wide  # 2^24 entries, rounded up
+    assert tk.backward_chunk(3, 100) == 100  # never wider than the vocabulary

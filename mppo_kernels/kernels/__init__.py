@@ -28,12 +28,13 @@ class OpSettings:
     Attributes:
         logit_scale: logits are multiplied by it (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``).
         softcap: ``c`` of ``c * tanh(z / c)``, applied after the scale (Gemma-2: 30); 0 for none.
-        vocab_chunk: vocabulary columns whose logit gradient the backward holds at once.
+        vocab_chunk: vocabulary columns whose logit gradient the backward holds at once; 0 lets the backend
+            choose (``DEFAULT_VOCAB_CHUNK``, or more for few scored rows: ``triton_likelihood.backward_chunk``).
     """
 
     logit_scale: float = 1.0
     softcap: float = 0.0
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    vocab_chunk: int = 0
 
     @property
     def pre(self) -> float:

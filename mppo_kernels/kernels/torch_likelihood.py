@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mppo_kernels.checks import accumulation_dtype
-from mppo_kernels.kernels import OpSettings
+from mppo_kernels.kernels import DEFAULT_VOCAB_CHUNK, OpSettings
 
 __all__ = ["forward", "backward"]
 
@@ -31,10 +31,11 @@ def forward(hidden2d, weight, bias, rows, targets, settings: OpSettings, saved=N
     """``saved [cap, V]``: also keep the logits of the first ``min(n, cap)`` rows there (input dtype)."""
     h = hidden2d.index_select(0, rows).to(accumulation_dtype(hidden2d.dtype))  # [n, D]
     k = min(rows.numel(), saved.shape[0]) if saved is not None else 0
+    chunk = settings.vocab_chunk or DEFAULT_VOCAB_CHUNK
     lse = torch.full((rows.numel(),), float("-inf"), device=h.device, dtype=h.dtype)
     target_logit = torch.full_like(lse, float("nan"))  # stays NaN for an out-of-range target
-    for v_lo in range(0, weight.shape[0], settings.vocab_chunk):
-        z, _ = _logits(h, weight, bias, v_lo, v_lo + settings.vocab_chunk, settings)  # [n, Vc]
+    for v_lo in range(0, weight.shape[0], chunk):
+        z, _ = _logits(h, weight, bias, v_lo, v_lo + chunk, settings)  # [n, Vc]
         if k:
             saved[:k, v_lo : v_lo + z.shape[1]] = z[:k]
         lse = torch.logaddexp(lse, z.logsumexp(-1))
@@ -57,8 +58,9 @@ def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: O
     d_rows = torch.zeros((n, D), device=hidden2d.device, dtype=acc) if need_h else None
     g = grad.to(acc)[:, None]
     k = min(n, saved.shape[0]) if saved is not None else 0
-    for v_lo in range(0, V, settings.vocab_chunk):
-        v_hi = min(v_lo + settings.vocab_chunk, V)
+    chunk = settings.vocab_chunk or DEFAULT_VOCAB_CHUNK
+    for v_lo in range(0, V, chunk):
+        v_hi = min(v_lo + chunk, V)
         z, t = _logits(h[k:], weight, bias, v_lo, v_hi, settings)
         if k:  # kept rows: their logits as the forward computed them, in the input dtype
             kept = saved[:k, v_lo:v_hi].to(acc)

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from mppo_kernels.kernels import OpSettings
+from mppo_kernels.kernels import DEFAULT_VOCAB_CHUNK, OpSettings
 
 try:
     import triton
@@ -346,6 +346,14 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += a @ b
 
 
+def backward_chunk(n: int, V: int) -> int:
+    """Vocabulary columns per backward chunk when the caller leaves it open: 4096, or as many as keep the
+    chunk's logit gradient at 2^24 entries (32 MiB in bf16) when few rows are scored, so a small problem
+    still launches enough programs and its GEMMs have a long inner dimension (600 rows: 28k columns)."""
+    wide = -(-(1 << 24) // max(n, 1) // 256) * 256
+    return min(V, max(DEFAULT_VOCAB_CHUNK, wide))
+
+
 def launch_saved_logit_grad(dz, saved, targets, lse, grad, v_lo: int, settings: OpSettings):
     """Like ``launch_logit_grad`` for the rows whose logits the forward kept (``saved [n_keep, V]``): no GEMM."""
     n_keep = dz.shape[0]
@@ -372,7 +380,7 @@ def backward(hidden2d, weight, bias, rows, targets, lse, grad, need, settings: O
     d_weight = torch.empty_like(weight) if need_w else None
     d_bias = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
     d_rows = torch.zeros((n, D), device=hidden2d.device, dtype=torch.float32) if need_h else None
-    chunk = settings.vocab_chunk
+    chunk = settings.vocab_chunk or backward_chunk(n, V)
     dz_buf = torch.empty((n, min(chunk, V)), device=hidden2d.device, dtype=hidden2d.dtype)
     k = min(n, saved.shape[0]) if saved is not None else 0
     for v_lo in range(0, V, chunk):
