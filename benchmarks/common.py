@@ -1,4 +1,8 @@
-"""Shared pieces of the benchmarks: LM-head shapes, realistic inputs, FLOP counts, timers, memory, run stamp.
+"""Shapes, inputs and FLOP counts shared by both benchmark harnesses (``compare.py`` and the pytest suite).
+
+Every case runs twice (``Case.targets``): ``"all"``, every position a target, where every provider does
+the same work; and ``"masked"``, the realistic prompt + padding mask, where providers that compute every
+position (naive, torch_compile_chunked, liger_flce) do 2-3x the work of those that compute only targets.
 
 Inputs (``make_inputs``) are drawn so the softmax looks like a trained LM's, not uniform noise, because
 gradient-filtering methods (Cut Cross-Entropy's default) skip vocabulary tiles whose probabilities are
@@ -11,33 +15,24 @@ below bf16 resolution and so run faster on peaked distributions:
   column 0 is 1 and weight column 0 holds ``log_prior``; the other columns are Gaussian.
 * ``s`` is found by bisection on 256 rows so the mean softmax entropy is ``target_entropy`` (2.0 nats by
   default, a typical next-token entropy of an SFT model on its own responses).
-* labels are sampled from the model's own softmax (so mean NLL is close to the entropy), then masked:
-  per prompt, a prompt prefix of ``U[15 %, 50 %]`` of ``T`` positions is ``ignore_index`` for all ``K``
-  responses; each response then keeps ``U[25 %, 100 %]`` of the remaining positions and the rest is
-  right padding (``ignore_index``). About 40 % of positions are targets.
+* labels are sampled from the model's own softmax (so mean NLL is close to the entropy). With
+  ``targets="masked"``: per prompt, a prompt prefix of ``U[15 %, 50 %]`` of ``T`` positions is
+  ``ignore_index`` for all ``K`` responses; each response then keeps ``U[25 %, 100 %]`` of the remaining
+  positions and the rest is right padding (``ignore_index``). About 40 % of positions are targets. Both
+  variants of a case draw the same hidden states, weight and labels; only the mask differs.
 The measured entropy, label NLL, mean max-probability and the fraction of softmax entries below the bf16
 filter threshold of CCE (``finfo(bf16).eps / 32``) are recorded with every result.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import gc
-import importlib.metadata as _md
 import math
-import os
-import platform
-import re
-import statistics
-import subprocess
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 IGNORE_INDEX = -100
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # LM heads: name -> (D, V).
 HEADS = {
@@ -47,6 +42,7 @@ HEADS = {
 }
 # CPU smoke heads: the same heads with D and V divided by 16 (for checking the pipeline, not for speed).
 TINY_HEADS = {f"{k}/16": (d // 16, v // 16) for k, (d, v) in HEADS.items()}
+GEMMA2_SOFTCAP = 30.0  # Gemma-2's final_logit_softcapping: logits = c * tanh(logits / c)
 
 MODES = ("fwd", "bwd", "fwd_bwd", "fwd_nograd")
 MODE_DOC = {
@@ -55,12 +51,20 @@ MODE_DOC = {
     "fwd_bwd": "forward + backward",
     "fwd_nograd": "forward under torch.no_grad() (reference-model pass)",
 }
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TARGETS = ("all", "masked")
+# fp16 training scales the loss (GradScaler) so that small gradients do not underflow; without it, fp16
+# logit gradients of ~1e-9 flush to zero and every method's dH is off by ~2 %.
+FP16_LOSS_SCALE = 2.0**12
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark shape: ``tokens = B * K * T`` positions through a ``[V, D]`` head."""
+    """One benchmark shape: ``tokens = B * K * T`` positions through a ``[V, D]`` head.
+
+    ``targets``: ``"all"`` (every position a target: equal work for every provider) or ``"masked"``
+    (prompt + padding are ``ignore_index``). ``softcap``: logits ``c * tanh(z / c)`` (Gemma-2) or None.
+    """
 
     head: str
     D: int
@@ -69,58 +73,84 @@ class Case:
     K: int
     T: int
     dtype: str
+    targets: str = "masked"
+    softcap: float | None = None
+
+    def __post_init__(self):
+        if self.targets not in TARGETS:
+            raise ValueError(f"Case.targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Case.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     @property
     def tokens(self) -> int:
         return self.B * self.K * self.T
 
     def key(self) -> str:
-        return f"{self.head} N={self.tokens} (B={self.B},K={self.K},T={self.T}) {self.dtype}"
+        cap = f" softcap={self.softcap:g}" if self.softcap is not None else ""
+        return f"{self.head} N={self.tokens} (B={self.B},K={self.K},T={self.T}) {self.dtype} targets={self.targets}{cap}"
+
+    def shape_key(self) -> tuple:
+        """What ``make_inputs`` draws from: both ``targets`` variants and every dtype share the tensors."""
+        return (self.head, self.D, self.V, self.B, self.K, self.T)
 
     def asdict(self) -> dict:
         return {**asdict(self), "tokens": self.tokens}
 
 
-def make_case(head: str, tokens: int, K: int, dtype: str, heads=None, max_T: int = 1024) -> Case:
+def make_case(head: str, tokens: int, K: int, dtype: str, heads=None, max_T: int = 1024,
+              targets: str = "masked", softcap: float | None = None) -> Case:
     """``tokens`` positions as ``B`` prompts x ``K`` responses x ``T`` (``T <= max_T``)."""
-    D, V = (heads or {**HEADS, **TINY_HEADS})[head]
+    heads = heads or {**HEADS, **TINY_HEADS}
+    if head not in heads:
+        raise ValueError(f"unknown head {head!r}; known: {sorted(heads)}")
+    D, V = heads[head]
     T = min(max_T, tokens // K)
-    B = tokens // (K * T)
-    if B * K * T != tokens:
+    B = tokens // (K * T) if T else 0
+    if T == 0 or B * K * T != tokens:
         raise ValueError(f"tokens={tokens} is not B*K*T with K={K}, T={T}")
-    return Case(head, D, V, B, K, T, dtype)
+    return Case(head, D, V, B, K, T, dtype, targets, softcap)
+
+
+def _both(specs, heads=None) -> list[Case]:
+    """Every ``(head, tokens, K, dtype, softcap)`` spec with all positions targets, then all masked."""
+    return [make_case(h, n, k, dt, heads, targets=t, softcap=cap) for t in TARGETS for h, n, k, dt, cap in specs]
 
 
 def grid(device: str, quick: bool):
-    """``(likelihood, loss)`` cases of both harnesses, most important first: ``(head, positions, K, dtype)``
-    and ``(head, positions, K, loss)``. ``python -m benchmarks.compare`` runs them all (``quick``: the
-    short list); the pytest-benchmark suite runs the first of the short list by default, the rest under
-    ``-m slow``."""
+    """``(likelihood cases, loss cases)`` of both harnesses, most important first.
+
+    Likelihood cases are ``Case``s, the equal-work (``targets="all"``) ones first; loss cases are
+    ``(Case, loss name)``. ``python -m benchmarks.compare`` runs them all (``quick``: the short list); the
+    pytest-benchmark suite runs the first spec (both ``targets``) by default, the rest under ``-m slow``.
+    """
     if device == "cpu":
-        h = "llama3-8b/16"
+        h, g = "llama3-8b/16", "gemma2-2b/16"
         if quick:
-            # bf16 matmuls are slow on CPU: keep those cases small.
-            lik = [(h, 512, 2, "fp32"), (h, 1024, 4, "fp32"), (h, 256, 2, "bf16")]
+            # bf16 and (much more) fp16 matmuls are slow on CPU: keep those cases small.
+            specs = [(h, 512, 2, "fp32", None), (h, 256, 2, "bf16", None), (h, 128, 2, "fp16", None),
+                     (g, 256, 2, "fp32", GEMMA2_SOFTCAP)]
             loss = [(h, 512, 4, "pair_mnm"), (h, 512, 2, "simpo")]
         else:
-            lik = [(hd, n, 4, "fp32") for hd in TINY_HEADS for n in (256, 1024, 2048)]
-            lik += [(hd, 256, 2, "bf16") for hd in TINY_HEADS]
-            lik += [(h, 1024, k, "fp32") for k in (2, 8)]
+            specs = [(hd, n, 4, "fp32", None) for hd in TINY_HEADS for n in (256, 1024, 2048)]
+            specs += [(hd, 256, 2, dt, None) for hd in TINY_HEADS for dt in ("bf16", "fp16")]
+            specs += [(h, 1024, k, "fp32", None) for k in (2, 8)] + [(g, 1024, 4, "fp32", GEMMA2_SOFTCAP)]
             loss = [(h, 1024, k, "pair_mnm") for k in (2, 4, 8)] + [(h, 1024, 2, "simpo")]
-        return lik, loss
+        return _both(specs), [(make_case(hd, n, k, "fp32"), name) for hd, n, k, name in loss]
+    bf16 = [(hd, 8192, 4, "bf16", None) for hd in HEADS]
+    bf16 += [("llama3-8b", 32768, 8, "bf16", None), ("llama3-8b", 2048, 2, "bf16", None),
+             ("gemma2-2b", 8192, 4, "bf16", GEMMA2_SOFTCAP)]
+    loss = [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
     if quick:
-        # One run of about 6 min on an H100: every head at 8k positions in bf16, a longer and a
-        # shorter batch, and fp32 once.
-        lik = [(h, 8192, 4, "bf16") for h in HEADS]
-        lik += [("llama3-8b", 32768, 8, "bf16"), ("llama3-8b", 2048, 2, "bf16"), ("llama3-8b", 8192, 4, "fp32")]
-        return lik, [("llama3-8b", 8192, 4, "pair_mnm"), ("llama3-8b", 8192, 2, "simpo")]
-    lik = [(h, 8192, 4, "bf16") for h in HEADS]
-    lik += [("llama3-8b", 8192, k, "bf16") for k in (2, 8)]
-    lik += [(h, n, 4, "bf16") for h in HEADS for n in (2048, 32768)]
-    lik += [(h, 8192, 4, "fp32") for h in HEADS]
-    lik += [(h, n, 4, "fp32") for h in HEADS for n in (2048, 32768)]
-    loss = [("llama3-8b", 8192, k, "pair_mnm") for k in (2, 4, 8)] + [("llama3-8b", 8192, 2, "simpo")]
-    return lik, loss
+        # The issue's shapes in bf16 (equal work first), then fp16 and fp32 on one head.
+        lik = _both(bf16) + _both([("llama3-8b", 8192, 4, "fp16", None)]) + _both([("llama3-8b", 8192, 4, "fp32", None)])
+    else:
+        more = [("llama3-8b", 8192, k, "bf16", None) for k in (2, 8)]
+        more += [(hd, n, 4, "bf16", None) for hd in ("qwen2.5-7b", "gemma2-2b") for n in (2048, 32768)]
+        other = [(hd, n, 4, dt, None) for dt in ("fp16", "fp32") for hd in HEADS for n in (2048, 8192)]
+        lik = _both(bf16 + more) + _both(other)
+        loss += [("llama3-8b", 8192, k, "pair_mnm") for k in (2, 8)]
+    return lik, [(make_case(hd, n, k, "bf16"), name) for hd, n, k, name in loss]
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -129,10 +159,11 @@ def _entropy(z: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def make_inputs(case: Case, device, seed: int = 0, target_entropy: float = 2.0, mask: bool = True):
+def make_inputs(case: Case, device, seed: int = 0, target_entropy: float = 2.0):
     """fp32 ``hidden [B, K, T, D]``, ``weight [V, D]``, int64 ``labels [B, K, T]`` and a stats dict.
 
-    See the module docstring for how they are drawn. Cast ``hidden``/``weight`` to the case dtype after.
+    See the module docstring for how they are drawn; ``case.targets`` picks the mask, ``case.dtype`` is
+    ignored (cast ``hidden``/``weight`` to it after).
     """
     device = torch.device(device)
     B, K, T, D, V = case.B, case.K, case.T, case.D, case.V
@@ -185,7 +216,7 @@ def make_inputs(case: Case, device, seed: int = 0, target_entropy: float = 2.0, 
 
     labels = labels.view(B, K, T)
     hidden = hidden.view(B, K, T, D)
-    if mask:
+    if case.targets == "masked":
         t = torch.arange(T, device=device)
         prompt = (torch.rand(B, 1, 1, generator=cpu_gen) * 0.35 + 0.15).mul(T).long().to(device)  # [B, 1, 1]
         keep = torch.rand(B, K, 1, generator=cpu_gen).to(device) * 0.75 + 0.25
@@ -197,157 +228,27 @@ def make_inputs(case: Case, device, seed: int = 0, target_entropy: float = 2.0, 
     return hidden, weight, labels, stats
 
 
+def make_upstream(case: Case, device, seed: int = 1) -> torch.Tensor:
+    """The upstream gradient dL/dlogp ``[B, K]`` of a case: standard normal, like a loss's (times
+    ``FP16_LOSS_SCALE`` for fp16)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    up = torch.randn(case.B, case.K, device=device, generator=gen)
+    return up * FP16_LOSS_SCALE if case.dtype == "fp16" else up
+
+
 # ----------------------------------------------------------------------------------------------- FLOPs
-def flops(mode: str, tokens: int, D: int, V: int) -> int:
-    """Floor FLOPs of the op: forward 2·T·D·V (the logits GEMM); backward 6·T·D·V (the logits recomputed,
-    because the loss's weights are known only after the forward, then the dH and dW GEMMs);
-    forward+backward 8·T·D·V."""
-    per = {"fwd": 2, "fwd_nograd": 2, "bwd": 6, "fwd_bwd": 8}[mode]
+FLOPS_PER_MODE = {"fwd": 2, "fwd_nograd": 2, "bwd": 4, "fwd_bwd": 6}
+
+
+def flops(mode: str, tokens: int, D: int, V: int, recompute: bool = False) -> int:
+    """FLOPs of ``mode`` over ``tokens`` rows of a ``[V, D]`` head.
+
+    Without ``recompute`` (the headline): the work of a method that keeps its logits, forward 2·n·D·V (the
+    logits GEMM), backward 4·n·D·V (the dH and dW GEMMs), forward+backward 6·n·D·V. ``recompute=True``
+    adds the 2·n·D·V of recomputing the logits in the backward (8·n·D·V for forward+backward), the work a
+    bounded-memory method such as ours (without a logits budget), Liger or CCE actually does.
+    """
+    if mode not in FLOPS_PER_MODE:
+        raise ValueError(f"unknown mode {mode!r}; known: {sorted(FLOPS_PER_MODE)}")
+    per = FLOPS_PER_MODE[mode] + (2 if recompute and mode in ("bwd", "fwd_bwd") else 0)
     return per * tokens * D * V
-
-
-# ----------------------------------------------------------------------------------------------- timing
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _set_grads_none(tensors) -> None:
-    for x in tensors or ():
-        x.grad = None
-
-
-def synced(fn, grads, device):
-    """``fn`` with its input grads reset before and a device sync after (for wall-clock timers)."""
-
-    def run():
-        _set_grads_none(grads)
-        out = fn()
-        sync(device)
-        return out
-
-    return run
-
-
-def bench_ms(fn, device, grad_to_none=None, quick: bool = False) -> dict:
-    """Median (and 20/80 % quantiles) of ``fn``'s wall time in ms.
-
-    CUDA: ``triton.testing.do_bench`` (clears L2 between calls, sets ``grad_to_none`` grads to None).
-    CPU: ``time.perf_counter`` around each call after one warm-up call, at least 3 calls and up to ~1 s.
-    """
-    if torch.device(device).type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(
-            fn, warmup=10 if quick else 25, rep=40 if quick else 100, grad_to_none=grad_to_none,
-            quantiles=[0.5, 0.2, 0.8],
-        )
-        return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "timer": "triton.testing.do_bench"}
-    _set_grads_none(grad_to_none)
-    fn()
-    times = []
-    budget = 0.3 if quick else 1.0
-    while len(times) < 3 or (sum(times) < budget and len(times) < 50):
-        _set_grads_none(grad_to_none)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    q = lambda f: 1e3 * times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"ms": 1e3 * statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8), "timer": "perf_counter"}
-
-
-def peak_extra_bytes(fn, device, grad_to_none=None):
-    """Peak CUDA memory allocated during one call of ``fn`` minus memory allocated just before it.
-
-    Grads of ``grad_to_none`` are set to None first, so for modes with a backward the result includes
-    the gradient outputs (dH, dW) the call creates; callers subtract their size to get the workspace.
-    The tensors ``fn`` returns are alive at the peak and are counted. None on CPU (not measured).
-    """
-    if torch.device(device).type != "cuda":
-        return None
-    _set_grads_none(grad_to_none)
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    _set_grads_none(grad_to_none)
-    return peak - before
-
-
-def gemm_tflops(tokens: int, D: int, V: int, dtype, device, weight=None, quick: bool = False) -> dict:
-    """Rate of ``torch.mm([n, D], [D, V])`` in ``dtype`` (the logits GEMM of the op), n = min(tokens, 8192)
-    on CUDA (the rate is flat beyond that), ``tokens`` on CPU."""
-    n = min(tokens, 8192) if torch.device(device).type == "cuda" else tokens
-    a = torch.randn(n, D, device=device, dtype=dtype)
-    b = (weight if weight is not None and weight.dtype == dtype else torch.randn(V, D, device=device, dtype=dtype)).T
-    t = bench_ms(lambda: torch.mm(a, b), device, quick=quick)
-    return {"gemm_rows": n, "gemm_ms": t["ms"], "gemm_tflops": 2 * n * D * V / (t["ms"] * 1e-3) / 1e12}
-
-
-# ----------------------------------------------------------------------------------------------- stamp
-def _git(*args) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git only loses the stamp
-        return None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def device_slug(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return "cpu-smoke"
-
-
-def run_stamp(device) -> dict:
-    """Device, date, versions and git commit for every results file."""
-    import triton
-
-    # A copy of the tree without .git (e.g. shipped to a GPU machine) gets the commit from the environment.
-    commit = _git("rev-parse", "HEAD")
-    if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):  # no repo, or one without commits
-        commit = os.environ.get("MPPO_GIT_COMMIT") or None
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    device = torch.device(device)
-    return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(device),
-        "device_type": device.type,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "mppo_kernels": getattr(__import__("mppo_kernels"), "__version__", None),
-        "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
-        "cut_cross_entropy": _version("cut-cross-entropy") or _version("cut_cross_entropy"),
-        "git_commit": commit,
-        "git_dirty": bool(dirty) if dirty is not None else None,
-    }

@@ -1,7 +1,12 @@
-"""Markdown table and PNG plots from a ``compare.py`` results JSON.
+"""Markdown tables and PNG plots from a ``compare.py`` results JSON.
 
-    python -m benchmarks.report benchmarks/results/<device>/results.json            # rewrites results.md and *.png
-    python -m benchmarks.report benchmarks/results/<device>/results.json --readme   # compact table for README
+    python -m benchmarks.report benchmarks/results/<device>/results.json              # rewrites results.md and *.png
+    python -m benchmarks.report benchmarks/results/<device>/results.json --readme     # prints the README table
+    python -m benchmarks.report benchmarks/results/<device>/results.json --readme README.md
+        # replaces the table between the <!-- benchmark-table --> markers of README.md with it
+
+A provider whose output or gradients miss the oracle (``check`` is not ``ok``) is shown as wrong and never
+ranked: no time ratio, no target met through it.
 """
 
 from __future__ import annotations
@@ -11,251 +16,377 @@ import os
 import sys
 from collections import OrderedDict
 
-TARGETS = {
-    "liger": 1.3,  # liger_flce fwd+bwd time / ours >= 1.3
-    "cce_exact": 1.0,  # cce_exact fwd+bwd time / ours >= 1.0
-    "pct_gemm": 65.0,  # ours achieved rate on 8·N·D·V / measured GEMM rate >= 65 %
-    "workspace": 5.0,  # ours fwd+bwd workspace / naive fp32 logits <= 5 %
-    "nograd": 0.3,  # ours fwd no-grad time / ours fwd+bwd time <= 0.3
-}
+from benchmarks import cpu_targets
+from benchmarks.stamp import describe
+
 MIB = 1 << 20
+# Goals of the GPU run, equal work (every position a target), bf16; each results.md judges them per case.
+GOALS = {
+    "speed_vs_naive": 0.95,  # ours fwd+bwd speed / naive's
+    "speed_vs_liger": 1.2,  # ... / tuned Liger's (the faster of liger_flce, liger_flce_compacted)
+    "speed_vs_cce": 2.0,  # ... / cce_exact's
+    "workspace_pct": 3.0,  # ours workspace / naive's fp32 logits (N·V·4 B), %
+    "pct_gemm": 55.0,  # ours 6·N·D·V rate / the same run's cuBLAS GEMM rate, %
+    "budget_speed_vs_naive": 1.2,
+    "budget_speed_vs_liger": 1.5,
+    "budget_speed_vs_compacted": 1.0,  # masked cases: ours_budget / naive_compacted
+    "budget_peak_vs_naive": 0.35,  # ours_budget peak extra memory / naive's
+    "budget_pct_gemm": 70.0,
+}
+MARKER_BEGIN, MARKER_END = "<!-- benchmark-table:begin -->", "<!-- benchmark-table:end -->"
 
 
+# ----------------------------------------------------------------------------------------------- helpers
 def _group_key(r) -> tuple:
-    return (r["section"], r.get("loss"), r["head"], r["tokens"], r["B"], r["K"], r["T"], r["dtype"])
+    return (r["section"], r.get("loss"), r["head"], r["tokens"], r["B"], r["K"], r["T"], r["dtype"],
+            r.get("targets", "masked"), r.get("softcap"))
 
 
-def _groups(rows):
+def _groups(rows, section=None):
     groups = OrderedDict()
     for r in rows:
-        groups.setdefault(_group_key(r), []).append(r)
-    return groups
+        if section is None or r["section"] == section:
+            groups.setdefault(_group_key(r), []).append(r)
+    # Equal work first: every-position-a-target cases, then masked ones, each in run order.
+    return OrderedDict(sorted(groups.items(), key=lambda kv: kv[0][8] != "all"))
 
 
 def _by(rows, provider, mode):
-    for r in rows:
-        if r["provider"] == provider and r["mode"] == mode:
-            return r
-    return None
+    return next((r for r in rows if r["provider"] == provider and r["mode"] == mode), None)
 
 
 def _ok(r) -> bool:
     return r is not None and r.get("status") == "ok"
 
 
+def _ranked(r) -> bool:
+    """Measured and checked correct: only such rows enter ratios and targets."""
+    return _ok(r) and r.get("correct") is True
+
+
 def _fmt(x, spec="{:.2f}"):
     return "—" if x is None else spec.format(x)
 
 
-def _status_cell(r) -> str:
+def _status_word(r) -> str:
     if r is None:
         return "not run"
-    s = r["status"]
-    if s == "ok":
-        return None
-    note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
-    if s in ("missing", "unsupported", "skipped", "error"):
-        return note if note.startswith(s) else f"{s}: {note}" if note else s
-    return s.upper() if s == "oom" else s
+    return {"oom": "OOM"}.get(r["status"], r["status"])
 
 
-def _cell(r, key, spec="{:.2f}", scale=1.0):
-    if _status_cell(r) is not None:
-        return "—"
-    v = r.get(key)
-    return _fmt(None if v is None else v * scale, spec)
+def _reason(rows) -> str | None:
+    """The reason shared by every row of a provider that never ran, else None."""
+    if all(r["status"] not in ("ok", "oom") for r in rows):
+        notes = {(r.get("note") or r["status"]).replace("|", "/") for r in rows}
+        if len(notes) == 1:
+            return notes.pop()
+    return None
+
+
+def _check_cell(r) -> str:
+    if r is None or r.get("correct") is None:
+        return (r or {}).get("check") or "—"
+    errs = " / ".join(_fmt(r.get(k), "{:.1e}") for k in ("max_abs_err", "dhidden_rel_err", "dweight_rel_err"))
+    return errs if r["correct"] else f"**WRONG** {errs}"
+
+
+def _speedup(other, ours) -> float | None:
+    """How many times faster ``ours`` is than ``other`` (fwd+bwd), both ranked; else None."""
+    return other["ms"] / ours["ms"] if _ranked(other) and _ranked(ours) else None
+
+
+def _mib(r, key):
+    return None if r is None or r.get(key) is None else r[key] / MIB
+
+
+def _every_position_sentence(rows) -> str:
+    rows = [r for r in rows if r["section"] == "likelihood"]
+    every = list(OrderedDict.fromkeys(r["provider"] for r in rows if r.get("computes") == "all"))
+    rest = list(OrderedDict.fromkeys(r["provider"] for r in rows if r.get("computes") != "all"))
+    if not every:
+        return "Every provider computes the logits of target positions only."
+    return (f"{', '.join(every)} compute the logits of every position (prompt and padding too), so on masked "
+            f"cases they do N / N_valid times the work of the others ({', '.join(rest)}), which compute target "
+            "positions only; on equal-work cases (every position a target) all do the same work.")
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def _group_title(rows) -> str:
+    r = rows[0]
+    st = r.get("input_stats") or {}
+    what = "log-likelihood" if r["section"] == "likelihood" else f"loss `{r['loss']}`"
+    work = ("**equal work**: every position a target" if r.get("targets") == "all"
+            else f"masked: {100 * r['valid_tokens'] / r['tokens']:.0f} % of positions are targets")
+    cap = f", soft-cap {r['softcap']:g}" if r.get("softcap") is not None else ""
+    return (
+        f"### {what}: {r['head']} (D={r['D']}, V={r['V']}), N={r['tokens']} positions (B={r['B']}, K={r['K']}, "
+        f"T={r['T']}), {r['dtype']}{cap}\n\n"
+        f"{work}; softmax entropy {st.get('entropy_nats', float('nan')):.2f} nats, mean max-prob "
+        f"{st.get('mean_max_prob', float('nan')):.2f}, {100 * st.get('frac_probs_below_bf16_filter_eps', float('nan')):.1f} % "
+        f"of probabilities below CCE's bf16 filter eps. GEMM reference: {_fmt(r.get('gemm_tflops'), '{:.3g}')} TFLOP/s "
+        f"({r['dtype']} mm [{r.get('gemm_rows')}, {r['D']}] × [{r['D']}, {r['V']}])."
+    )
 
 
 def _time_cell(r) -> str:
-    """A per-mode time, or a one-word status (the reason is in the notes under the table)."""
-    if _ok(r):
-        return _fmt(r.get("ms"))
-    return "not run" if r is None else {"oom": "OOM"}.get(r["status"], r["status"])
-
-
-def _notes(rows, providers, modes) -> list[str]:
-    """Reasons for cells that show a status word (rows that are a status from end to end say it inline)."""
-    out = []
-    for p in providers:
-        per_mode = [_by(rows, p, m) for m in modes]
-        statuses = {_status_cell(r) for r in per_mode}
-        if len(statuses) == 1 and None not in statuses and "OOM" not in statuses:
-            continue
-        for m, r in zip(modes, per_mode):
-            if r is not None and r["status"] != "ok" and r.get("note"):
-                out.append(f"- {p} {m}: {r['note']}")
-    return ["", *out] if out else []
-
-
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
-
-
-def _row_line(provider, rows, modes, ours_fb) -> str:
-    per_mode = [_by(rows, provider, m) for m in modes]
-    statuses = {_status_cell(r) for r in per_mode}
-    fb = _by(rows, provider, "fwd_bwd")
-    if len(statuses) == 1 and None not in statuses and "OOM" not in statuses:
-        (why,) = statuses
-        return f"| {provider} | {why} |" + " — |" * (len(modes) + 7)
-    cells = [_time_cell(r) for r in per_mode]
-    speed = _ratio(fb["ms"], ours_fb["ms"]) if _ok(fb) and _ok(ours_fb) else None
-    err = next((r.get("max_abs_err") for r in per_mode if r and r.get("max_abs_err") is not None), None)
-    return (
-        f"| {provider} | " + " | ".join(cells)
-        + f" | {_cell(fb, 'tflops_useful', '{:.3g}')} | {_cell(fb, 'pct_gemm', '{:.0f} %')}"
-        + f" | {_cell(fb, 'tflops_all_positions', '{:.3g}')}"
-        + f" | {_cell(fb, 'peak_extra_bytes', '{:.0f}', 1 / MIB)} | {_cell(fb, 'workspace_bytes', '{:.0f}', 1 / MIB)}"
-        + f" | {_cell(fb, 'workspace_pct_naive_logits', '{:.1f} %')}"
-        + f" | {_fmt(speed, '{:.2f}×')} | {_fmt(err, '{:.1e}')} |"
-    )
-
-
-def _check(value, goal, higher_is_better, spec):
-    if value is None:
-        return "—", "n/a"
-    met = value >= goal if higher_is_better else value <= goal
-    return spec.format(value), "met" if met else "not met"
-
-
-def _targets(rows, smoke: bool = False) -> list[str]:
-    """Goals computed from this run's rows (CUDA goals; on CPU the numbers are shown but not judged)."""
-    _judge = _check if not smoke else (lambda *a: (_check(*a)[0], "not judged (CPU smoke)"))
-    ours_fb = _by(rows, "ours", "fwd_bwd")
-    ours_ng = _by(rows, "ours", "fwd_nograd")
-    out = ["", "| target | goal | this run | |", "|---|---|---|---|"]
-
-    def base_ratio(provider):
-        r = _by(rows, provider, "fwd_bwd")
-        if not _ok(r):
-            return None, _status_cell(r)
-        if not _ok(ours_fb):
-            return None, "ours: " + str(_status_cell(ours_fb))
-        return r["ms"] / ours_fb["ms"], None
-
-    for label, provider, goal in (("liger_flce", "liger_flce", TARGETS["liger"]), ("cce_exact", "cce_exact", TARGETS["cce_exact"])):
-        v, why = base_ratio(provider)
-        shown, verdict = _judge(v, goal, True, "{:.2f}×")
-        out.append(f"| fwd+bwd time {label} / ours | ≥ {goal:.2f}× | {shown} | {verdict if why is None else 'n/a: ' + why} |")
-    pct = ours_fb.get("pct_gemm") if _ok(ours_fb) else None
-    shown, verdict = _judge(pct, TARGETS["pct_gemm"], True, "{:.0f} %")
-    out.append(f"| ours fwd+bwd rate on 8·N_valid·D·V / measured GEMM rate | ≥ {TARGETS['pct_gemm']:.0f} % | {shown} | {verdict} |")
-    ws = ours_fb.get("workspace_pct_naive_logits") if _ok(ours_fb) else None
-    shown, verdict = _judge(ws, TARGETS["workspace"], False, "{:.2f} %")
-    out.append(f"| ours fwd+bwd workspace / naive fp32 logits (N·V·4 B) | ≤ {TARGETS['workspace']:.0f} % | {shown} | {verdict} |")
-    ng = _ratio(ours_ng["ms"], ours_fb["ms"]) if _ok(ours_ng) and _ok(ours_fb) else None
-    shown, verdict = _judge(ng, TARGETS["nograd"], False, "{:.2f}×")
-    out.append(f"| ours no-grad forward / ours fwd+bwd | ≤ {TARGETS['nograd']:.2f}× | {shown} | {verdict} |")
-    return out
+    return _fmt(r["ms"]) if _ok(r) else _status_word(r)
 
 
 def _likelihood_table(rows, modes) -> list[str]:
-    names = {"fwd": "fwd ms", "bwd": "bwd ms", "fwd_bwd": "fwd+bwd ms", "fwd_nograd": "no-grad fwd ms"}
-    head = (
-        "| provider | " + " | ".join(names[m] for m in modes)
-        + " | fwd+bwd TFLOP/s (useful) | % GEMM | TFLOP/s (all positions) | peak extra MiB | workspace MiB"
-        + " | workspace / naive fp32 logits | fwd+bwd time / ours | max abs err vs fp32 |"
-    )
+    names = {"fwd": "fwd ms", "bwd": "bwd ms", "fwd_bwd": "fwd+bwd ms (p20–p80, spread, n)", "fwd_nograd": "no-grad fwd ms"}
+    lines = [
+        "| provider | computes | " + " | ".join(names[m] for m in modes)
+        + " | fwd+bwd TFLOP/s (6·N_valid·D·V) | % GEMM | TFLOP/s incl. recompute (8·N_valid·D·V) | peak extra MiB"
+        + " | workspace MiB | workspace / naive fp32 logits | fwd+bwd time / ours | err logp / dH / dW |",
+        "|" + "---|" * (len(modes) + 10),
+    ]
     ours_fb = _by(rows, "ours", "fwd_bwd")
-    providers = list(OrderedDict.fromkeys(r["provider"] for r in rows))
-    lines = [head, "|" + "---|" * (len(modes) + 9)]
-    lines += [_row_line(p, rows, modes, ours_fb) for p in providers]
-    return lines + _notes(rows, providers, modes)
+    notes = []
+    for p in OrderedDict.fromkeys(r["provider"] for r in rows):
+        per_mode = [_by(rows, p, m) for m in modes]
+        present = [r for r in per_mode if r is not None]
+        computes = "every position" if present[0].get("computes") == "all" else "targets"
+        why = _reason(present)
+        if why is not None:
+            lines.append(f"| {p} | {computes} | {why} |" + " — |" * (len(modes) + 7))
+            continue
+        fb = _by(rows, p, "fwd_bwd")
+        cells = [_time_cell(r) for r in per_mode]
+        if _ok(fb):
+            spread = _fmt(None if fb.get("spread") is None else 100 * fb["spread"], "{:.0f} %")
+            cells[modes.index("fwd_bwd")] = f"{fb['ms']:.2f} ({fb['ms_p20']:.2f}–{fb['ms_p80']:.2f}, {spread}, {fb['samples']})"
+        ratio = "wrong: not ranked" if _ok(fb) and fb.get("correct") is False else _fmt(
+            None if not _ranked(fb) or not _ranked(ours_fb) else fb["ms"] / ours_fb["ms"], "{:.2f}×")
+        ws_pct = fb.get("workspace_pct_naive_logits") if _ok(fb) else None
+        lines.append(
+            f"| {p} | {computes} | " + " | ".join(cells)
+            + f" | {_fmt(fb.get('tflops') if _ok(fb) else None, '{:.3g}')} | {_fmt(fb.get('pct_gemm') if _ok(fb) else None, '{:.0f} %')}"
+            + f" | {_fmt(fb.get('tflops_recompute') if _ok(fb) else None, '{:.3g}')}"
+            + f" | {_fmt(_mib(fb, 'peak_extra_bytes'), '{:.0f}')} | {_fmt(_mib(fb, 'workspace_bytes'), '{:.0f}')}"
+            + f" | {_fmt(ws_pct, '{:.1f} %')} | {ratio} | {_check_cell(present[0])} |"
+        )
+        for r in present:
+            if r["status"] != "ok" and r.get("note"):
+                notes.append(f"- {p} {r['mode']}: {r['note']}")
+        if fb is not None and fb.get("tuning"):
+            sweep = ", ".join(f"{_settings(t['settings'])}: " + (f"{t['ms']:.2f} ms" if "ms" in t else t["error"])
+                              for t in fb["tuning"]["sweep"])
+            notes.append(f"- {p}: swept {sweep}; used {_settings(fb['tuning']['chosen'])}")
+        if fb is not None and fb.get("memory_note"):
+            notes.append(f"- {p} memory: {fb['memory_note']}")
+    return lines + (["", *notes] if notes else [])
+
+
+def _settings(s: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in s.items()) or "defaults"
+
+
+def _verdict(value, goal, higher, smoke, why=None):
+    if value is None:
+        return "—", f"n/a: {why}" if why else "n/a"
+    met = value >= goal if higher else value <= goal
+    return value, "not judged (CPU smoke)" if smoke else ("met" if met else "not met")
+
+
+def _targets(rows, smoke: bool) -> list[str]:
+    """The GPU goals computed from one case's rows (equal-work bf16 cases; masked: the compacted goal)."""
+    r0 = rows[0]
+    equal = r0.get("targets") == "all"
+    fb = {p: _by(rows, p, "fwd_bwd") for p in OrderedDict.fromkeys(r["provider"] for r in rows)}
+    ours, budget = fb.get("ours"), fb.get("ours_budget")
+    liger = [r for r in (fb.get("liger_flce"), fb.get("liger_flce_compacted")) if _ranked(r)]
+    best_liger = min(liger, key=lambda r: r["ms"]) if liger else fb.get("liger_flce")
+
+    def why(*rs):
+        for r in rs:
+            if r is None:
+                return "not run"
+            if not _ok(r):
+                return f"{r['provider']}: {r.get('note') or r['status']}"
+            if r.get("correct") is not True:
+                return f"{r['provider']} wrong or unchecked: {r.get('check')}"
+        return None
+
+    items = []
+    if equal:
+        for label, other, goal in (("naive", fb.get("naive"), "speed_vs_naive"), ("tuned Liger", best_liger, "speed_vs_liger"),
+                                   ("cce_exact", fb.get("cce_exact"), "speed_vs_cce")):
+            items.append((f"ours fwd+bwd speed / {label}'s", "≥", goal, "{:.2f}×", _speedup(other, ours), True, why(ours, other)))
+        ws = ours.get("workspace_pct_naive_logits") if _ranked(ours) else None
+        items.append(("ours workspace / naive fp32 logits", "≤", "workspace_pct", "{:.2f} %", ws, False, why(ours)))
+        items.append(("ours 6·N·D·V rate / GEMM rate", "≥", "pct_gemm", "{:.0f} %", ours.get("pct_gemm") if _ranked(ours) else None,
+                      True, why(ours)))
+        for label, other, goal in (("naive", fb.get("naive"), "budget_speed_vs_naive"),
+                                   ("tuned Liger", best_liger, "budget_speed_vs_liger")):
+            items.append((f"ours_budget fwd+bwd speed / {label}'s", "≥", goal, "{:.2f}×", _speedup(other, budget), True,
+                          why(budget, other)))
+        naive = fb.get("naive")
+        peak = (budget["peak_extra_bytes"] / naive["peak_extra_bytes"]
+                if _ranked(budget) and _ranked(naive) and naive.get("peak_extra_bytes") and budget.get("peak_extra_bytes") is not None
+                else None)
+        items.append(("ours_budget peak memory / naive's", "≤", "budget_peak_vs_naive", "{:.2f}×", peak, False, why(budget, naive)))
+        items.append(("ours_budget 6·N·D·V rate / GEMM rate", "≥", "budget_pct_gemm", "{:.0f} %",
+                      budget.get("pct_gemm") if _ranked(budget) else None, True, why(budget)))
+    else:
+        items.append(("ours_budget fwd+bwd speed / naive_compacted's", "≥", "budget_speed_vs_compacted", "{:.2f}×",
+                      _speedup(fb.get("naive_compacted"), budget), True, why(budget, fb.get("naive_compacted"))))
+    judged_here = r0["dtype"] == "bf16"
+    out = ["", "| target | goal | this run | |", "|---|---|---|---|"]
+    for label, op, goal, spec, value, higher, reason in items:
+        value, verdict = _verdict(value, GOALS[goal], higher, smoke, reason)
+        if not judged_here and not smoke and verdict in ("met", "not met"):
+            verdict = f"{verdict} (goal set for bf16)"
+        goal_s = spec.format(GOALS[goal])
+        out.append(f"| {label} | {op} {goal_s} | {value if value == '—' else spec.format(value)} | {verdict} |")
+    return out
 
 
 def _loss_table(rows) -> list[str]:
-    modes = [m for m in ("fwd", "fwd_bwd", "fwd_nograd") if any(r["mode"] == m for r in rows)]
-    names = {"fwd": "fwd ms", "fwd_bwd": "fwd+bwd ms", "fwd_nograd": "no-grad fwd ms"}
+    modes = [m for m in ("fwd", "fwd_bwd") if any(r["mode"] == m for r in rows)]
     lines = [
-        "| provider | " + " | ".join(names[m] for m in modes)
-        + " | fwd+bwd TFLOP/s (useful) | peak extra MiB | workspace MiB | fwd+bwd time / ours | loss | abs diff vs naive |",
-        "|" + "---|" * (len(modes) + 7),
+        "| provider | " + " | ".join({"fwd": "fwd ms", "fwd_bwd": "fwd+bwd ms"}[m] for m in modes)
+        + " | peak extra MiB | workspace MiB | fwd+bwd time / ours | loss | abs diff vs naive |",
+        "|" + "---|" * (len(modes) + 6),
     ]
     ours_fb = _by(rows, "ours", "fwd_bwd")
     for p in OrderedDict.fromkeys(r["provider"] for r in rows):
         per_mode = [_by(rows, p, m) for m in modes]
-        statuses = {_status_cell(r) for r in per_mode}
-        if len(statuses) == 1 and None not in statuses and "OOM" not in statuses:
-            lines.append(f"| {p} | {statuses.pop()} |" + " — |" * (len(modes) + 5))
+        why = _reason([r for r in per_mode if r is not None])
+        if why is not None:
+            lines.append(f"| {p} | {why} |" + " — |" * (len(modes) + 4))
             continue
         fb = _by(rows, p, "fwd_bwd")
-        speed = _ratio(fb["ms"], ours_fb["ms"]) if _ok(fb) and _ok(ours_fb) else None
+        speed = fb["ms"] / ours_fb["ms"] if _ok(fb) and _ok(ours_fb) else None
         val = next((r.get("loss_value") for r in per_mode if r and r.get("loss_value") is not None), None)
         diff = next((r.get("max_abs_err") for r in per_mode if r and r.get("max_abs_err") is not None), None)
         lines.append(
             f"| {p} | " + " | ".join(_time_cell(r) for r in per_mode)
-            + f" | {_cell(fb, 'tflops_useful', '{:.3g}')} | {_cell(fb, 'peak_extra_bytes', '{:.0f}', 1 / MIB)}"
-            + f" | {_cell(fb, 'workspace_bytes', '{:.0f}', 1 / MIB)} | {_fmt(speed, '{:.2f}×')}"
-            + f" | {_fmt(val, '{:.4f}')} | {_fmt(diff, '{:.1e}')} |"
+            + f" | {_fmt(_mib(fb, 'peak_extra_bytes'), '{:.0f}')} | {_fmt(_mib(fb, 'workspace_bytes'), '{:.0f}')}"
+            + f" | {_fmt(speed, '{:.2f}×')} | {_fmt(val, '{:.4f}')} | {_fmt(diff, '{:.1e}')} |"
         )
-    return lines + _notes(rows, list(OrderedDict.fromkeys(r["provider"] for r in rows)), modes)
+    return lines
 
 
-def _group_title(rows) -> str:
-    r = rows[0]
-    st = r.get("input_stats") or {}
-    gemm = r.get("gemm_tflops")
-    what = "log-likelihood" if r["section"] == "likelihood" else f"loss `{r['loss']}`"
-    return (
-        f"### {what}: {r['head']} (D={r['D']}, V={r['V']}), N={r['tokens']} positions (B={r['B']}, K={r['K']}, "
-        f"T={r['T']}), {r['dtype']}\n\n"
-        f"{100 * st.get('valid_fraction', float('nan')):.0f} % of positions are targets; softmax entropy "
-        f"{st.get('entropy_nats', float('nan')):.2f} nats, mean max-prob {st.get('mean_max_prob', float('nan')):.2f}, "
-        f"{100 * st.get('frac_probs_below_bf16_filter_eps', float('nan')):.1f} % of probabilities below CCE's bf16 "
-        f"filter eps. GEMM reference: {_fmt(gemm, '{:.3g}')} TFLOP/s ({r['dtype']} mm [{r.get('gemm_rows')}, {r['D']}] × "
-        f"[{r['D']}, {r['V']}]); bf16 mm {_fmt(r.get('gemm_tflops_bf16'), '{:.3g}')} TFLOP/s."
-    )
+def _header(data) -> list[str]:
+    stamp, config = data["stamp"], data.get("config", {})
+    return [
+        f"# Benchmark results: {stamp['device']}",
+        "",
+        f"{stamp['date_utc']} · torch {stamp['torch']} · triton {stamp.get('triton')} · CUDA {stamp['cuda']} · "
+        f"mppo-kernels {stamp['mppo_kernels']} at {describe(stamp)} · liger-kernel "
+        f"{stamp.get('liger_kernel') or 'not installed'} · cut-cross-entropy {stamp.get('cut_cross_entropy') or 'not installed'}"
+        f" (CCE_AUTOTUNE={stamp.get('cce_autotune_env')}) · {stamp['cpu_count']} CPU cores",
+        "",
+        f"Command: `{config.get('command', '?')}`",
+        "",
+    ]
+
+
+DEFINITIONS = (
+    "Definitions. Times: median (p50) of at least {samples} timed calls (more until {min_ms:.0f} ms were "
+    "timed; CUDA: one event pair per call with L2 flushed, CPU: `time.perf_counter`), p20–p80 and n from the "
+    "same samples, spread = (p80 - p20) / p50. Utilization counts 6·N_valid·D·V for forward+backward (2 "
+    "forward, 4 backward: the work of a method that keeps its logits), N_valid = target positions; the "
+    "8·N_valid·D·V column adds the logits "
+    "recomputed in the backward, which ours without a logits budget, Liger and CCE do. % GEMM = the 6·N_valid "
+    "rate / a `torch.mm` of the logits' shape in the case dtype, timed in the same run. *peak extra* = peak "
+    "memory during one call minus memory just before it (CUDA: `max_memory_allocated`; CPU: peak RSS growth "
+    "in a child process), including the dH, dW the call returns; *workspace* = peak extra minus dH and dW. "
+    "*naive fp32 logits* = N·V·4 bytes. Every provider is checked in the same run: logp (max abs error, with "
+    "and without autograd) and dH, dW (relative Frobenius error) against an oracle in {oracle} from the same "
+    "cast inputs; a provider beyond 8 units of its dtype's rounding (bf16 0.0625, fp16 0.0078, fp32 1e-4) is "
+    "**WRONG** and not ranked. The upstream gradient is a random [B, K] vector (×4096 for fp16, as loss "
+    "scaling does)."
+)
 
 
 def markdown(data) -> str:
     stamp, rows, config = data["stamp"], data["rows"], data.get("config", {})
     cpu = stamp["device_type"] != "cuda"
-    out = [f"# Benchmark results: {stamp['device']}", ""]
-    out.append(
-        f"{stamp['date_utc']} · torch {stamp['torch']} · triton {stamp['triton']} · CUDA {stamp['cuda']} · "
-        f"mppo-kernels {stamp['mppo_kernels']} at git `{(stamp['git_commit'] or '?')[:12]}`"
-        f"{' (+ uncommitted changes)' if stamp.get('git_dirty') else ''} · liger-kernel {stamp['liger_kernel'] or 'not installed'}"
-        f" · cut-cross-entropy {stamp['cut_cross_entropy'] or 'not installed'} · {stamp['cpu_count']} CPU cores"
-    )
-    out.append("")
-    out.append(f"Command: `{config.get('command', '?')}`")
-    out.append("")
+    out = _header(data)
     if cpu:
         out += [
-            "**CPU smoke results, not speed claims.** Tiny heads (D and V divided by 16), a plain "
-            "`perf_counter` timer, no memory measurement; they only show that every provider and mode runs "
-            "end to end and agrees with the fp32 oracle. The targets below are defined for CUDA and are "
-            "printed only to exercise the report.",
+            "**CPU smoke results, not speed claims** (except the CPU targets, which are this machine's). Tiny "
+            "heads (D and V divided by 16) check that every provider and mode runs end to end and agrees with "
+            "the oracle; the GPU targets below are printed only to exercise the report.",
             "",
         ]
-    out += [
-        "Definitions. Times are medians (CUDA: `triton.testing.do_bench`; CPU: `time.perf_counter`). "
-        "*useful* FLOPs count target (non-ignored) positions only: 2·N_valid·D·V for a forward, 8·N_valid·D·V "
-        "for forward+backward (logits recomputed in backward); *all positions* counts N = B·K·T. "
-        "% GEMM = useful fwd+bwd rate / rate of a `torch.mm` of the logits' shape in the case dtype, timed in "
-        "the same run. *peak extra* = `torch.cuda.max_memory_allocated()` during one call minus memory "
-        "allocated just before it (inputs live, their `.grad` None), so it includes the gradients dH, dW the "
-        "call creates; *workspace* = peak extra minus the size of dH and dW in the input dtype. "
-        "*naive fp32 logits* = N·V·4 bytes. Gradients flow to both hidden and weight; the upstream gradient "
-        "is a random [B, K] vector. `max abs err` is the largest |logp - oracle| over sequences, oracle = fp32 "
-        "log-softmax on the same (cast) inputs.",
-        "",
-    ]
-    for key, grp in _groups(rows).items():
-        out.append(_group_title(grp))
-        out.append("")
-        if key[0] == "likelihood":
-            modes = [m for m in ("fwd", "bwd", "fwd_bwd", "fwd_nograd") if any(r["mode"] == m for r in grp)]
-            out += _likelihood_table(grp, modes)
+    out += [DEFINITIONS.format(samples=config.get("samples", 10), min_ms=config.get("min_time_ms", 0),
+                               oracle="fp64" if cpu else "fp32"), "", _every_position_sentence(rows), ""]
+    ct = data.get("cpu_targets")
+    if ct and "ratios" in ct:
+        out += cpu_targets.markdown(ct) + [""]
+    elif ct:
+        out += ["### CPU targets", "", f"not measured: {ct.get('error') or ct.get('skipped')}", ""]
+    for key, grp in _groups(rows, "likelihood").items():
+        modes = [m for m in ("fwd", "bwd", "fwd_bwd", "fwd_nograd") if any(r["mode"] == m for r in grp)]
+        out += [_group_title(grp), ""] + _likelihood_table(grp, modes)
+        if "fwd_bwd" in modes:
             out += _targets(grp, smoke=cpu)
-        else:
-            out += _loss_table(grp)
         out.append("")
+    for key, grp in _groups(rows, "loss").items():
+        out += [_group_title(grp), ""] + _loss_table(grp) + [""]
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------- README
+def readme_snippet(data) -> str:
+    """One line per likelihood case (equal work first), one column per provider: fwd+bwd ms, × ours'
+    time, workspace MiB; wrong providers marked."""
+    groups = _groups(data["rows"], "likelihood")
+    if not groups:
+        return ""
+    providers = list(OrderedDict.fromkeys(r["provider"] for g in groups.values() for r in g))
+    stamp = data["stamp"]
+    lines = [
+        f"Forward+backward, median ms (time / ours) · workspace MiB, from `{data.get('config', {}).get('command', '?')}` "
+        f"on {stamp['device']}, {stamp['date_utc']}, torch {stamp['torch']}, {describe(stamp)}. "
+        + _every_position_sentence(data["rows"]),
+        "",
+        "| case | " + " | ".join(providers) + " |",
+        "|---|" + "---|" * len(providers),
+    ]
+    for grp in groups.values():
+        r0 = grp[0]
+        cap = f", soft-cap {r0['softcap']:g}" if r0.get("softcap") is not None else ""
+        work = "every position a target" if r0.get("targets") == "all" else f"masked ({100 * r0['valid_tokens'] / r0['tokens']:.0f} % targets)"
+        cells, ours = [], _by(grp, "ours", "fwd_bwd")
+        for p in providers:
+            fb = _by(grp, p, "fwd_bwd")
+            if fb is None:
+                cells.append("—")
+            elif not _ok(fb):
+                cells.append(_status_word(fb))
+            elif fb.get("correct") is False:
+                cells.append(f"**wrong** ({fb['check'][len('wrong: '):]})")
+            else:
+                ratio = f" ({fb['ms'] / ours['ms']:.2f}×)" if _ranked(fb) and _ranked(ours) else ""
+                ws = f" · {fb['workspace_bytes'] / MIB:.0f} MiB" if fb.get("workspace_bytes") is not None else ""
+                cells.append(f"{fb['ms']:.1f}{ratio}{ws}")
+        lines.append(f"| {r0['head']}, N={r0['tokens']} (K={r0['K']}), {r0['dtype']}{cap}, {work} | " + " | ".join(cells) + " |")
+    ct = data.get("cpu_targets")
+    if ct and "ratios" in ct:
+        lines += [""] + [line.replace("### ", "**", 1) + "**" if line.startswith("### ") else line
+                         for line in cpu_targets.markdown(ct)]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, snippet: str) -> None:
+    """Replace the text between ``MARKER_BEGIN`` and ``MARKER_END`` in ``path`` with ``snippet``."""
+    with open(path) as f:
+        text = f.read()
+    if MARKER_BEGIN not in text or MARKER_END not in text:
+        raise SystemExit(f"{path}: no {MARKER_BEGIN} ... {MARKER_END} block to replace")
+    head, rest = text.split(MARKER_BEGIN, 1)
+    _, tail = rest.split(MARKER_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{MARKER_BEGIN}\n{snippet}{MARKER_END}{tail}")
+
+
+# ----------------------------------------------------------------------------------------------- plots
 def plots(data, outdir) -> list[str]:
-    """fwd+bwd time vs positions per head (one line per provider); peak extra memory likewise on CUDA."""
+    """Equal-work (every position a target, no soft-cap) fwd+bwd time and peak extra memory vs positions,
+    one panel per head and dtype, one line per provider; wrong providers left out and named."""
     try:
         import matplotlib
 
@@ -264,82 +395,57 @@ def plots(data, outdir) -> list[str]:
     except ImportError:
         return []
     stamp = data["stamp"]
-    rows = [r for r in data["rows"] if r["section"] == "likelihood" and r["mode"] == "fwd_bwd" and r["status"] == "ok"]
-    written = []
-    metrics = [("ms", "fwd+bwd median time (ms)", "fwd_bwd_time.png")]
-    if stamp["device_type"] == "cuda":
-        metrics.append(("peak_extra_bytes", "fwd+bwd peak extra memory (MiB)", "fwd_bwd_memory.png"))
-    heads = list(OrderedDict.fromkeys(r["head"] for r in rows))
-    dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
+    lik = [r for r in data["rows"] if r["section"] == "likelihood" and r["mode"] == "fwd_bwd"
+           and r.get("targets") == "all" and r.get("softcap") is None]
+    rows = [r for r in lik if _ranked(r)]
     if not rows:
         return []
-    absent = OrderedDict()  # providers with no fwd+bwd point, and why
-    for r in data["rows"]:
-        if r["section"] == "likelihood" and r["mode"] == "fwd_bwd" and r["status"] != "ok":
-            absent.setdefault(r["provider"], r.get("note") or r["status"])
+    absent = OrderedDict()
+    for r in lik:
+        if not _ranked(r):
+            absent.setdefault(r["provider"], r.get("note") or r.get("check") or r["status"])
     for r in rows:
         absent.pop(r["provider"], None)
-    for key, ylabel, fname in metrics:
+    heads = list(OrderedDict.fromkeys(r["head"] for r in rows))
+    dtypes = list(OrderedDict.fromkeys(r["dtype"] for r in rows))
+    written = []
+    for key, ylabel, fname in (("ms", "fwd+bwd median time (ms)", "fwd_bwd_time.png"),
+                               ("peak_extra_bytes", "fwd+bwd peak extra memory (MiB)", "fwd_bwd_memory.png")):
+        if not any(r.get(key) is not None for r in rows):
+            continue
         fig, axes = plt.subplots(len(dtypes), len(heads), figsize=(5 * len(heads), 3.8 * len(dtypes) + 0.6), squeeze=False)
         for i, dtype in enumerate(dtypes):
             for j, head in enumerate(heads):
                 ax = axes[i][j]
-                sub = [r for r in rows if r["head"] == head and r["dtype"] == dtype]
+                sub = [r for r in rows if r["head"] == head and r["dtype"] == dtype and r.get(key) is not None]
                 for provider in OrderedDict.fromkeys(r["provider"] for r in sub):
                     pts = {}
                     for r in sub:  # per token count keep the case with K closest to 4
-                        if r["provider"] == provider and r.get(key) is not None:
-                            old = pts.get(r["tokens"])
-                            if old is None or abs(r["K"] - 4) < abs(old["K"] - 4):
-                                pts[r["tokens"]] = r
+                        old = pts.get(r["tokens"])
+                        if r["provider"] == provider and (old is None or abs(r["K"] - 4) < abs(old["K"] - 4)):
+                            pts[r["tokens"]] = r
                     xs = sorted(pts)
-                    ys = [pts[x][key] / (MIB if key.endswith("bytes") else 1) for x in xs]
-                    if xs:
-                        ax.plot(xs, ys, marker="o", label=provider)
+                    ax.plot(xs, [pts[x][key] / (MIB if key.endswith("bytes") else 1) for x in xs], marker="o", label=provider)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_xlabel("positions N = B·K·T")
+                ax.set_xlabel("positions N = B·K·T (every one a target)")
                 ax.set_ylabel(ylabel)
                 ax.set_title(f"{head} {dtype}")
                 ax.grid(True, which="both", alpha=0.3)
                 if ax.lines:
                     ax.legend(fontsize=8)
-        tag = "CPU SMOKE (not speed claims)" if stamp["device_type"] != "cuda" else ""
-        fig.suptitle(
-            f"{stamp['device']} · torch {stamp['torch']} · triton {stamp['triton']} · "
-            f"git {(stamp['git_commit'] or '?')[:10]} · {stamp['date_utc']} {tag}",
-            fontsize=9,
-        )
+        tag = " · CPU SMOKE (not speed claims)" if stamp["device_type"] != "cuda" else ""
+        fig.suptitle(f"{stamp['device']} · torch {stamp['torch']} · {describe(stamp).replace('`', '')} · "
+                     f"{stamp['date_utc']}{tag}", fontsize=9)
         if absent:
-            fig.text(0.01, 0.005, "not shown: " + "; ".join(f"{p} ({why})" for p, why in absent.items()),
+            fig.text(0.01, 0.005, "not shown: " + "; ".join(f"{p} ({why})" for p, why in absent.items())[:400],
                      fontsize=7, va="bottom", wrap=True)
-        fig.tight_layout(rect=(0, 0.04 if absent else 0, 1, 1))
+        fig.tight_layout(rect=(0, 0.05 if absent else 0, 1, 1))
         path = os.path.join(outdir, fname)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
-
-
-def readme_snippet(data, group: int = 0) -> str:
-    """A compact table of one likelihood case (default: the first, the grid's headline case) for the README."""
-    groups = [g for k, g in _groups(data["rows"]).items() if k[0] == "likelihood"]
-    if not groups:
-        return ""
-    rows = groups[group]
-    lines = [_group_title(rows).replace("### ", "**", 1).replace("\n\n", "**\n\n", 1), ""]
-    lines += ["| provider | fwd+bwd ms | no-grad fwd ms | peak extra MiB (fwd+bwd) | max abs err vs fp32 |", "|---|---|---|---|---|"]
-    for p in OrderedDict.fromkeys(r["provider"] for r in rows):
-        fb, ng = _by(rows, p, "fwd_bwd"), _by(rows, p, "fwd_nograd")
-        err = next((r.get("max_abs_err") for r in (fb, ng) if r and r.get("max_abs_err") is not None), None)
-        bad = _status_cell(fb)
-        if bad is not None and bad == _status_cell(ng) and bad != "OOM":
-            lines.append(f"| {p} | {bad} | — | — | — |")
-        else:
-            lines.append(
-                f"| {p} | {_cell(fb, 'ms')} | {_cell(ng, 'ms')} | {_cell(fb, 'peak_extra_bytes', '{:.0f}', 1 / MIB)} | {_fmt(err, '{:.1e}')} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def write_report(data, outdir) -> list[str]:
@@ -350,15 +456,26 @@ def write_report(data, outdir) -> list[str]:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    readme = "--readme" in argv
-    argv = [a for a in argv if a != "--readme"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    readme = None
+    if "--readme" in argv:
+        i = argv.index("--readme")
+        readme = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].endswith(".json") else ""
+        del argv[i : i + (2 if readme else 1)]
     if len(argv) != 1:
         raise SystemExit(__doc__)
-    with open(argv[0]) as f:
-        data = json.load(f)
-    if readme:
-        print(readme_snippet(data), end="")
+    try:
+        with open(argv[0]) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{argv[0]}: cannot read a results JSON: {err}")
+    if readme is not None:
+        snippet = readme_snippet(data)
+        if readme:
+            update_readme(readme, snippet)
+            print(f"updated {readme}")
+        else:
+            print(snippet, end="")
         return
     for path in write_report(data, os.path.dirname(os.path.abspath(argv[0]))):
         print(path)
