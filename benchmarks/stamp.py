@@ -6,8 +6,9 @@ tree without its history (e.g. shipped to a GPU machine) takes them from the env
 either, the commit is ``"unknown"`` and so is the dirty flag: it is ``False`` only on evidence (``git
 status`` succeeded and listed nothing, or the environment said ``false``).
 
-"Dirty" means uncommitted changes, tracked or untracked (not ignored), outside ``benchmarks/results/``:
-results written by an earlier run do not change the code that is measured.
+"Dirty" means uncommitted changes, tracked or untracked (not ignored), outside ``benchmarks/results/`` and
+``training/results/``: results written by an earlier run do not change the code that is measured. The
+training side's result and provenance files (loss study, rounds, augmentation) carry the same stamp.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def git_state(cwd=REPO_ROOT, env=None) -> dict:
         if commit and commit != head.strip():
             raise ValueError(f"MPPO_GIT_COMMIT={commit} but git HEAD here is {head.strip()}: unset it, or run "
                              "where the tree has no git history")
-        status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results", cwd=cwd)
+        status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results", ":(exclude)training/results",
+                      cwd=cwd)
         return {"git_commit": head.strip(), "git_dirty": UNKNOWN if status is None else bool(status.strip()),
                 "git_source": "git"}
     if commit:
@@ -105,9 +107,10 @@ def device_slug(device) -> str:
     return "cpu-smoke"
 
 
-def run_stamp(device) -> dict:
-    """Device, date, versions and git state for a results file (written by code, never by hand)."""
-    device = torch.device(device)
+def run_stamp(device=None) -> dict:
+    """Device, date, versions and git state for a results file (written by code, never by hand); ``device``
+    defaults to the first GPU, else the CPU."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     return {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(device),
@@ -121,6 +124,7 @@ def run_stamp(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "mppo_kernels": getattr(__import__("mppo_kernels"), "__version__", None),
+        **{name: _version(name) for name in ("transformers", "datasets", "accelerate")},
         "liger_kernel": _version("liger-kernel", "liger_kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy", "cut_cross_entropy"),
         "cce_autotune_env": os.environ.get("CCE_AUTOTUNE"),

@@ -47,9 +47,23 @@ int64_t super_block_rows(int64_t n, int64_t D, int64_t block_m, int64_t threads,
   return std::min(n, s);
 }
 
-// Logit tile z = transform(h_tile . W_tile^T + b_tile) of rows [i0, i1) of the super-block, in place in `z`.
-// Returns tanh(u) (for the soft-cap derivative) as `z / c` is not kept separately: with soft-capping `z`
-// holds c * t and `t_out` (if given) t.
+// What both passes derive from their inputs before the super-block loop.
+struct Plan {
+  Tensor rows, targets;             // [n] int64, contiguous
+  int64_t threads, S, v_tiles;      // threads sharing a super-block's vocabulary tiles, its rows, the tiles
+  c10::optional<Tensor> bias;       // pre * bias in the accumulation dtype
+};
+
+Plan make_plan(const Tensor& rows, const Tensor& targets, const c10::optional<Tensor>& bias, const Transform& tf,
+               at::ScalarType acc, int64_t V, int64_t D, int64_t block_m, int64_t block_v, int64_t max_rows) {
+  const int64_t threads = at::get_num_threads();
+  return {rows.to(at::kLong).contiguous(), targets.to(at::kLong).contiguous(), threads,
+          super_block_rows(rows.size(0), D, block_m, threads, max_rows), (V + block_v - 1) / block_v,
+          bias.has_value() ? c10::optional<Tensor>(bias->to(acc).mul(tf.pre)) : c10::nullopt};
+}
+
+// Logit tile z = transform(h . w^T + b), written into `z`; `h` and `b` come pre-scaled (Plan). With
+// soft-capping z = c * t, t = tanh(u), and `t_out` (when given) receives t for the backward's derivative.
 void logits_tile(const Tensor& h, const Tensor& w, const c10::optional<Tensor>& b, const Transform& tf,
                  Tensor& z, Tensor* t_out) {
   if (b.has_value()) {
@@ -82,13 +96,10 @@ std::tuple<Tensor, Tensor> cpu_forward(const Tensor& hidden, const Tensor& weigh
   Tensor lse = at::full({n}, -std::numeric_limits<double>::infinity(), opts);
   Tensor target_logit = at::full({n}, std::numeric_limits<double>::quiet_NaN(), opts);
   if (n == 0) return {lse, target_logit};
-  const Tensor rows64 = rows.to(at::kLong).contiguous();
-  const Tensor tgt = targets.to(at::kLong).contiguous();
-  const int64_t threads = at::get_num_threads();
-  const int64_t S = super_block_rows(n, D, block_m, threads, max_rows);
-  const int64_t v_tiles = (V + block_v - 1) / block_v;
-  const c10::optional<Tensor> bias_acc =
-      bias.has_value() ? c10::optional<Tensor>(bias->to(acc).mul(tf.pre)) : c10::nullopt;
+  const Plan plan = make_plan(rows, targets, bias, tf, acc, V, D, block_m, block_v, max_rows);
+  const Tensor &rows64 = plan.rows, &tgt = plan.targets;
+  const int64_t threads = plan.threads, S = plan.S, v_tiles = plan.v_tiles;
+  const c10::optional<Tensor>& bias_acc = plan.bias;
 
   for (int64_t s0 = 0; s0 < n; s0 += S) {
     const int64_t s1 = std::min(n, s0 + S);
@@ -163,13 +174,10 @@ std::tuple<Tensor, Tensor, Tensor> cpu_backward(const Tensor& grad, const Tensor
   Tensor d_w_acc = need_weight ? at::zeros({V, D}, opts) : at::empty({0}, opts);
   Tensor d_b = need_bias ? at::zeros({V}, opts) : at::empty({0}, opts);
   if (n > 0 && (need_hidden || need_weight || need_bias)) {
-    const Tensor rows64 = rows.to(at::kLong).contiguous();
-    const Tensor tgt = targets.to(at::kLong).contiguous();
-    const int64_t threads = at::get_num_threads();
-    const int64_t S = super_block_rows(n, D, block_m, threads, max_rows);
-    const int64_t v_tiles = (V + block_v - 1) / block_v;
-    const c10::optional<Tensor> bias_acc =
-        bias.has_value() ? c10::optional<Tensor>(bias->to(acc).mul(tf.pre)) : c10::nullopt;
+    const Plan plan = make_plan(rows, targets, bias, tf, acc, V, D, block_m, block_v, max_rows);
+    const Tensor &rows64 = plan.rows, &tgt = plan.targets;
+    const int64_t threads = plan.threads, S = plan.S, v_tiles = plan.v_tiles;
+    const c10::optional<Tensor>& bias_acc = plan.bias;
     const Tensor g_all = grad.to(acc).contiguous();
     const Tensor lse_all = lse.to(acc).contiguous();
     for (int64_t s0 = 0; s0 < n; s0 += S) {

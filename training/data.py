@@ -495,6 +495,12 @@ def make_batch(ds, indices, tokenizer, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def batch_rows(ds, indices) -> list[dict]:
+    """Rows ``indices`` of a tokenized dataset as a list of dicts, read one column at a time."""
+    cols = ds[list(indices)]
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
 def steps_per_epoch(n_rows: int, global_batch_size: int) -> int:
     if n_rows < global_batch_size:
         raise DataError(f"{n_rows} training rows (after the skips counted above) are fewer than one global batch "

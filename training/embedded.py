@@ -12,6 +12,7 @@ response is unique and "does the model give the best response the highest likeli
 from __future__ import annotations
 
 import random
+import re
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz+-*=<>:,. \n"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -76,6 +77,48 @@ def _answer(task: str, x: str) -> str:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
+_MARKS = {"reverse": "<", "copy": ">", "sort": ":"}
+
+
+def task_answer(prompt, task: str, length: int) -> str | None:
+    """The correct answer of ``prompt``, a prompt of ``task`` with ``length`` symbols, or None when it is not one
+    (another task, length or shape, or not a string): the verifier's ground truth."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if not isinstance(prompt, str):
+        return None
+    if task == "add":
+        # Operands are written without leading zeros, so the length comes from the task, not the prompt.
+        m = re.fullmatch(r"(\d{1,%d})\+(\d{1,%d})=" % (length, length), prompt)
+        return str(int(m[1]) + int(m[2])).zfill(length + 1) if m else None
+    x = prompt[:-1]
+    if len(x) != length or not prompt.endswith(_MARKS[task]) or not set(x) <= set(CHARS) - {"\n", " "}:
+        return None
+    return _answer(task, x)
+
+
+def correct_characters(response: str, answer: str) -> int:
+    """The task's score: positions where ``response`` has the answer's character, less one for every character
+    beyond the answer's length (so a response that runs on never ties the exact answer), never below 0. For
+    the task's own corrupted responses, which have the answer's length, it is the plain count of correct characters."""
+    matches = sum(r == a for r, a in zip(response, answer))
+    return max(0, matches - max(0, len(response) - len(answer)))
+
+
+def verifier(task: str, length: int):
+    """``score(prompt, response) -> float | None``: ``correct_characters`` against the computed answer, None for
+    a prompt that is not one of ``task`` (an unscorable response)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+    def score(prompt, response: str) -> float | None:
+        answer = task_answer(prompt, task, length)
+        return None if answer is None else float(correct_characters(response, answer))
+
+    score.__qualname__ = f"verifier({task!r}, {length})"
+    return score
+
+
 def _make_example(rng: random.Random, task: str, length: int, k: int, alphabet: str) -> dict:
     if task == "add":
         a, b = rng.randrange(10**length), rng.randrange(10**length)
@@ -109,7 +152,9 @@ def make_task_rows(n: int, *, task: str = "reverse", length: int = 6, k: int = 4
 
 
 def make_task_splits(n_train: int, n_eval: int, **kwargs) -> tuple[list[dict], list[dict]]:
-    """Train and held-out rows; held-out prompts never appear in train."""
+    """Train and held-out rows; held-out prompts never appear in train. The held-out rows are
+    ``make_task_rows(n_eval, **kwargs)`` whatever ``n_train`` is, so a run on other data of the same task can
+    rebuild them (``--generation-eval embedded``)."""
     rows = make_task_rows(n_train + 2 * n_eval, **kwargs)
     eval_rows = rows[:n_eval]
     seen = {r["prompt"] for r in eval_rows}

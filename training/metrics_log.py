@@ -64,8 +64,13 @@ def plot_curves(jsonl_path: str, png_path: str):
         axes[1].plot([r["step"] for r in pts], [r["train/reward_top_accuracy"] for r in pts], lw=0.6, alpha=0.6,
                      label="train batch, by the loss's reward")
     if evals:
-        axes[1].axhline(evals[0]["eval/chance"], color="gray", ls="--", label="chance")
-    axes[1].set(title="best-scored response ranked top", xlabel="step", ylim=(0, 1))
+        axes[1].axhline(evals[0]["eval/chance"], color="gray", ls="--", label="chance (ranking)")
+    gens = [r for r in evals if "eval/exact_match" in r]
+    if gens:  # what the policy itself answers, next to how it ranks given answers
+        axes[1].plot([r["step"] for r in gens], [r["eval/exact_match"] for r in gens], "s-",
+                     label="held-out greedy exact match")
+    axes[1].set(title="held-out: best response ranked top; own answer exact" if gens
+                else "best-scored response ranked top", xlabel="step", ylim=(0, 1))
     axes[1].legend()
     pts = [r for r in train if "train/rewards/margins" in r]
     axes[2].plot([r["step"] for r in pts], [r["train/rewards/margins"] for r in pts], lw=0.8)

@@ -25,11 +25,12 @@ import copy
 import torch
 from torch import nn
 
-from mppo_kernels import fused_sequence_likelihood
-from mppo_kernels.fused_loss import fused_preference_loss
+from mppo_kernels import fused_packed_likelihood, fused_sequence_likelihood
+from mppo_kernels.fused_loss import fused_packed_preference_loss, fused_preference_loss
 from mppo_kernels.losses import LOSSES, preference_loss
-from training import embedded
+from training import embedded, packing
 from training.data import IGNORE_INDEX
+from training.heads import head_transform
 from training.options import UsageError
 
 
@@ -115,6 +116,16 @@ def last_hidden(model, input_ids, attention_mask, response_mask) -> torch.Tensor
     return hidden
 
 
+def packed_hidden(model, packed: dict) -> torch.Tensor:
+    """``[R, L, D]`` decoder output of a packed batch (``training.packing``): every prompt run once, its
+    responses after it under the prefix-sharing mask, with the position ids of the padded layout."""
+    decoder = decoder_of(model)
+    # An eager mask is added to the scores, in the dtype transformers gives its own (the embeddings').
+    mask = packing.attention_mask(decoder, packed, decoder.get_input_embeddings().weight.dtype)
+    return decoder(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
+                   use_cache=False).last_hidden_state
+
+
 class PreferenceModel(nn.Module):
     """Owns the policy (and, when needed, a frozen reference copy) and returns the loss from ``forward``.
 
@@ -149,6 +160,10 @@ class PreferenceModel(nn.Module):
                     "adapter is the reference")
             else:
                 self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # The op's logit scale and soft-cap of each model's head, read once: a head the op cannot express
+        # fails here, before anything is trained.
+        self.head_transform = head_transform(model)
+        self.ref_head_transform = head_transform(self.ref_model) if self.ref_model is not None else self.head_transform
         if zero3:
             import deepspeed  # only reached under accelerate's DeepSpeed integration, which imports it anyway
 
@@ -160,45 +175,101 @@ class PreferenceModel(nn.Module):
         weight, bias = head_of(model)
         return weight.to(dtype), (bias.to(dtype) if bias is not None else None)  # autocast: hidden is bf16
 
+    def _transform(self, model) -> dict:
+        """``logit_scale`` / ``softcap`` keywords of the op for ``model`` (the policy or the reference copy)."""
+        return (self.ref_head_transform if model is self.ref_model else self.head_transform)._asdict()
+
+    def policy_logps(self, input_ids=None, attention_mask=None, labels=None, response_mask=None, packed=None,
+                     reduction: str = "mean") -> torch.Tensor:
+        """``[B, K]`` log-likelihood of the policy through the training path (decoder, LM head, op; padded or
+        ``packed`` batch as in ``forward``), NaN at padding: what the start-up parity probe
+        (``training.heads.parity_probe``) checks against the model's own logits."""
+        if packed is not None:
+            return self._packed_logps(self.model, packed, response_mask, reduction)
+        hidden = last_hidden(self.model, input_ids, attention_mask, response_mask)
+        weight, bias = self._head(self.model, hidden.dtype)
+        return fused_sequence_likelihood(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                                         reduction=reduction, sequence_mask=response_mask,
+                                         **self._transform(self.model))
+
     @torch.no_grad()
-    def reference_logps(self, input_ids, attention_mask, labels, response_mask) -> torch.Tensor:
+    def reference_logps(self, input_ids, attention_mask, labels, response_mask, packed=None) -> torch.Tensor:
         """``[B, K]`` reference log-likelihood (the loss's reduction; NaN at padding) through the op's
-        forward-only path."""
+        forward-only path; of the ``packed`` batch when given (``input_ids``, ``attention_mask``, ``labels``
+        unused)."""
         if self.uses_adapter_ref:
             model, ctx = self.model, self.model.disable_adapter()
         else:
             model, ctx = (self.ref_model if self.ref_model is not None else self.model), contextlib.nullcontext()
         with ctx:
+            if packed is not None:
+                return self._packed_logps(model, packed, response_mask, self.spec.reduction)
             hidden = last_hidden(model, input_ids, attention_mask, response_mask)
             weight, bias = self._head(model, hidden.dtype)
             return fused_sequence_likelihood(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                                             reduction=self.spec.reduction, sequence_mask=response_mask)
+                                             reduction=self.spec.reduction, sequence_mask=response_mask,
+                                             **self._transform(model))
 
-    def forward(self, input_ids, attention_mask, labels, scores, response_mask, ref_logps=None,
-                mode: str = "train"):
+    def _packed_logps(self, model, packed: dict, response_mask, reduction: str) -> torch.Tensor:
+        """``[B, K]`` log-likelihoods of a packed batch under ``model``, NaN at padding responses."""
+        hidden = packed_hidden(model, packed)  # [R, L, D]
+        weight, bias = self._head(model, hidden.dtype)
+        return fused_packed_likelihood(
+            hidden, weight, packed["rows"], packed["targets"], packed["seq_ids"], response_mask.numel(), bias=bias,
+            ignore_index=self.ignore_index, reduction=reduction, sequence_mask=response_mask.reshape(-1),
+            **self._transform(model),
+        ).view(response_mask.shape)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, scores=None, response_mask=None,
+                ref_logps=None, mode: str = "train", packed=None):
         """``mode="train"``: ``(loss, metrics)`` through ``fused_preference_loss``.
         ``mode="eval"``: ``(loss, logps)`` with ``logps [B, K]`` the mean log-likelihood (NaN at padding).
-        ``mode="ref"``: the reference log-probs ``[B, K]`` for precomputing (policy before training)."""
+        ``mode="ref"``: the reference log-probs ``[B, K]`` for precomputing (policy before training).
+        A ``packed`` batch (``training.packing.pack_rows``) replaces ``input_ids``, ``attention_mask`` and
+        ``labels``; the results are those of the padded layout."""
         if mode == "ref":
-            return self.reference_logps(input_ids, attention_mask, labels, response_mask)
+            return self.reference_logps(input_ids, attention_mask, labels, response_mask, packed)
         if self.spec.needs_reference and ref_logps is None:
             if self.reference == "precomputed":
                 # The policy is no longer the initial model: computing them now would be silently wrong.
                 raise ValueError(f"loss {self.loss_name!r} with reference='precomputed' needs the batch's "
                                  "ref_logps (the dataset's precomputed column is missing)")
-            ref_logps = self.reference_logps(input_ids, attention_mask, labels, response_mask)
+            ref_logps = self.reference_logps(input_ids, attention_mask, labels, response_mask, packed)
         if not self.spec.needs_reference:
             ref_logps = None
+        if packed is not None:
+            return self._forward_packed(packed, scores, response_mask, ref_logps, mode)
         hidden = last_hidden(self.model, input_ids, attention_mask, response_mask)  # [B, K, T, D]
         weight, bias = self._head(self.model, hidden.dtype)
         if mode == "train":
             return fused_preference_loss(
                 self.loss_name, hidden, weight, labels, scores, bias=bias, ref_logps=ref_logps,
-                response_mask=response_mask, ignore_index=self.ignore_index, **self.hparams)
+                response_mask=response_mask, ignore_index=self.ignore_index, **self._transform(self.model),
+                **self.hparams)
         if mode == "eval":
             sum_logps = fused_sequence_likelihood(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                                                  reduction="sum", sequence_mask=response_mask)  # [B, K]
+                                                  reduction="sum", sequence_mask=response_mask,
+                                                  **self._transform(self.model))  # [B, K]
             mean_logps = sum_logps / (labels != self.ignore_index).sum(-1).clamp_min(1)
+            logps = mean_logps if self.spec.reduction == "mean" else sum_logps
+            loss = preference_loss(self.loss_name, logps, scores, ref_logps=ref_logps,
+                                   response_mask=response_mask, **self.hparams)
+            return loss, mean_logps
+        raise ValueError(f"mode must be 'train', 'eval' or 'ref', got {mode!r}")
+
+    def _forward_packed(self, packed: dict, scores, response_mask, ref_logps, mode: str):
+        """``forward`` of a packed batch: the same outputs through the op's packed form."""
+        if mode == "train":
+            hidden = packed_hidden(self.model, packed)  # [R, L, D]
+            weight, bias = self._head(self.model, hidden.dtype)
+            return fused_packed_preference_loss(
+                self.loss_name, hidden, weight, packed["rows"], packed["targets"], packed["seq_ids"], scores,
+                bias=bias, ref_logps=ref_logps, response_mask=response_mask, ignore_index=self.ignore_index,
+                **self._transform(self.model), **self.hparams)
+        if mode == "eval":
+            sum_logps = self._packed_logps(self.model, packed, response_mask, "sum")  # [B, K]
+            counts = torch.bincount(packed["seq_ids"], minlength=response_mask.numel()).view(response_mask.shape)
+            mean_logps = sum_logps / counts.clamp_min(1)
             logps = mean_logps if self.spec.reduction == "mean" else sum_logps
             loss = preference_loss(self.loss_name, logps, scores, ref_logps=ref_logps,
                                    response_mask=response_mask, **self.hparams)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--lora-target-modules", default="all-linear",
                    help="comma-separated module names or 'all-linear' (the LM head stays frozen)")
+    g.add_argument("--skip-parity-probe", action="store_true",
+                   help="skip the start-up check that the training path's log-likelihoods of a few training rows "
+                   "equal those of the model's own forward(...).logits (fp32, eval mode; see training/heads.py)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="hub id or local .json/.jsonl/.parquet file (default: embedded task)")
     g.add_argument("--dataset-format", choices=D.FORMATS, help="schema; detected from the columns by default")
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-response-fraction", type=float, default=0.5,
                    help="drop (and count) a response that truncation leaves with less than this fraction of its tokens")
     g.add_argument("--num-proc", type=int, default=None, help="processes for tokenization")
+    g.add_argument("--packing", default="prefix", choices=["prefix", "none"],
+                   help="batch layout for the policy and the reference model: prefix = each prompt encoded once, "
+                   "its responses after it, groups packed without padding (training/packing.py); falls back to none "
+                   "(padded [B*K, T] rows), with a notice, where the model's attention cannot take the mask")
+    g.add_argument("--pack-max-tokens", type=int, default=None,
+                   help="tokens per packed row (default: the longest prompt group of the micro-batch; a longer group "
+                   "gets a row of its own)")
     g = p.add_argument_group("embedded default (used when --model / --dataset are not given)")
     g.add_argument("--task", default="reverse", choices=embedded.TASKS)
     g.add_argument("--task-length", type=int, default=6, help="symbols per prompt (digits per number for add)")
@@ -92,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (0: only "
                    "before and after training; default: embedded 32, else 0)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: per-device batch size")
+    g.add_argument("--generation-eval", default="auto", choices=["auto", "embedded", "none"],
+                   help="greedy exact match of the policy's own answers at every held-out evaluation, checked by the "
+                   "embedded task's verifier: auto = on the embedded held-out prompts when training on the embedded "
+                   "task; embedded = on them whatever --dataset is (data of the same --task, e.g. on-policy samples)")
+    g.add_argument("--generation-eval-prompts", type=int, default=None,
+                   help="held-out prompts generated (default: all of the embedded task's held-out prompts, "
+                   "--eval-size; 512 with --dataset)")
+    g.add_argument("--generation-batch-size", type=int, default=256, help="prompts per generate call")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (0: all)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -142,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("warmup_steps", 0), ("max_prompt_length", 1), ("task_length", 1), ("num_responses", 1), ("train_size", 1),
                       ("hidden_size", 1), ("num_layers", 1), ("num_heads", 1), ("lora_r", 0), ("log_every", 1),
                       ("eval_every", 0), ("save_every", 0), ("save_total_limit", 0), ("max_steps", 1),
-                      ("stop_after_steps", 1), ("eval_batch_size", 1), ("max_train_rows", 1), ("max_eval_rows", 0)):
+                      ("stop_after_steps", 1), ("eval_batch_size", 1), ("max_train_rows", 1), ("max_eval_rows", 0),
+                      ("generation_eval_prompts", 1), ("generation_batch_size", 1), ("pack_max_tokens", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")

@@ -3,8 +3,9 @@
 The loss is computed from the decoder's last hidden states and the LM-head weight through the fused op,
 so full ``[tokens, V]`` logits are never built. With no arguments it runs the embedded default: a tiny
 Llama, a character tokenizer and a generated, verifiable multi-response task (training/embedded.py); it
-prints the held-out fraction of prompts whose best response gets the highest mean log-likelihood, before
-and after training (about 35 s on a 2-core CPU)::
+prints the held-out fraction of prompts whose best response gets the highest mean log-likelihood, and the
+fraction the policy itself answers exactly (greedy decoding, checked by the task's verifier), before and
+after training (about 35 s on a 2-core CPU)::
 
     python training/train.py                                   # embedded default -> runs/default/
     python training/train.py --config training/configs/run_default.yaml --loss dpo
@@ -19,14 +20,16 @@ A real model (one GPU, LoRA; README "Training" has full fine-tuning and DDP / FS
 
 This file is the run, phase by phase as ``main`` calls them; the pieces live next to it: options.py (the
 options and their checks), modeling.py (loading the model, LoRA, the module that computes the loss),
-data.py (dataset readers, tokenization, batches), embedded.py (the default model and task), evaluation.py
-(held-out accuracy, precomputed reference), metrics_log.py (metrics.jsonl, the plot), checkpoint.py (the
-run directory, checkpoints, resuming).
+heads.py (the LM head's logit scale / soft-cap and the start-up parity probe against the model's own logits),
+data.py (dataset readers, tokenization, batches), packing.py (prefix-shared packed batches), embedded.py
+(the default model and task), evaluation.py (held-out accuracy, precomputed reference), metrics_log.py
+(metrics.jsonl, the plot), checkpoint.py (the run directory, checkpoints, resuming).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `training.*`
@@ -45,10 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from mppo_kernels.losses import LOSSES  # noqa: E402
 from training import checkpoint as C  # noqa: E402
 from training import data as D  # noqa: E402
-from training import embedded  # noqa: E402
-from training.evaluation import evaluate, precompute_reference  # noqa: E402
+from training import embedded, heads, packing  # noqa: E402
+from training.evaluation import evaluate, evaluate_generation, precompute_reference  # noqa: E402
 from training.metrics_log import MetricsLog, plot_curves  # noqa: E402
-from training.modeling import PreferenceModel, apply_lora, load_model_and_tokenizer, save_final_model  # noqa: E402
+from training.modeling import (PreferenceModel, apply_lora, decoder_of, load_model_and_tokenizer,  # noqa: E402
+                               save_final_model)
 from training.options import UsageError, parse_args  # noqa: E402
 
 
@@ -69,6 +73,7 @@ def main(argv=None) -> dict:
         run = setup(args, accelerator)
         load_model(run)
         load_data(run)
+        check_head(run)
         prepare_training(run)
         load_reference(run)
         stopped_at = train(run)
@@ -95,6 +100,7 @@ class Run:
     started: float = 0.0
     model: torch.nn.Module | None = None  # the PreferenceModel, wrapped by accelerate once prepared
     tokenizer: Any = None
+    make_batch: Any = D.make_batch  # (ds, indices, tokenizer, device) -> batch: padded, or packed (choose_layout)
     train_ds: Any = None
     eval_ds: Any = None
     data_counts: dict | None = None
@@ -105,6 +111,7 @@ class Run:
     warmup: int = 0
     metrics_log: MetricsLog | None = None
     before: dict | None = None  # held-out evaluation at step 0
+    generation: tuple | None = None  # (prompts, answers) of the generation eval, () when it does not apply
     last: dict | None = None  # latest training record
     train_seconds: float = 0.0
 
@@ -160,6 +167,7 @@ def load_model(run: Run) -> None:
     """The policy (gradient checkpointing, LoRA), wrapped in the PreferenceModel that computes the loss."""
     args, accelerator = run.args, run.accelerator
     model, run.tokenizer = load_model_and_tokenizer(args)
+    run.make_batch = choose_layout(args, model, accelerator)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
@@ -170,6 +178,24 @@ def load_model(run: Run) -> None:
              and accelerator.state.deepspeed_plugin.zero_stage == 3)
     run.model = PreferenceModel(model, args.loss, hparams=args.hparams, zero3=zero3,
                                 reference="precomputed" if args.precompute_ref else "auto")
+
+
+def choose_layout(args, model, accelerator):
+    """The batch builder of --packing: prefix-shared packed batches where the model's attention takes the mask
+    (flex_attention block masks on CUDA unless --attn-implementation says otherwise), else the padded layout;
+    either way said in one line."""
+    if args.packing == "none":
+        return D.make_batch
+    decoder = decoder_of(model)
+    why = packing.unsupported_reason(decoder, max_length=args.max_length, device=accelerator.device)
+    if (why is None and accelerator.device.type == "cuda" and args.attn_implementation is None
+            and getattr(model, "_supports_flex_attn", False) and not getattr(model.config, "attention_dropout", 0)):
+        model.set_attn_implementation("flex_attention")  # block-sparse: masked-out tiles are skipped, not computed
+    if why:
+        accelerator.print(f"packing: the padded layout instead of --packing prefix ({why})")
+        return D.make_batch
+    accelerator.print(f"packing: prefix-shared packed batches ({decoder.config._attn_implementation} masks)")
+    return functools.partial(packing.make_packed_batch, max_tokens=args.pack_max_tokens)
 
 
 def load_data(run: Run) -> None:
@@ -185,6 +211,41 @@ def load_data(run: Run) -> None:
         run.eval_ds, eval_counts = D.prepare_dataset(eval_raw, run.tokenizer, fmt=fmt, source=eval_source,
                                                      log=lambda s: log("held-out " + s), **kwargs)
     run.data_counts = {"train": counts, "eval": eval_counts}
+
+
+def check_head(run: Run) -> None:
+    """The parity probe (training/heads.py), before anything is trained or sharded: the training path's
+    log-likelihoods of a few training rows must equal those of the model's own ``forward(...).logits``
+    (fp32, eval mode), else every process stops with one error. The main process probes alone (under FSDP's
+    CPU-RAM-efficient loading the others hold no weights yet) and hands its verdict to the others."""
+    args, accelerator, log = run.args, run.accelerator, run.accelerator.print
+    policy = run.model.model
+    if args.skip_parity_probe:
+        log(f"parity probe: skipped (--skip-parity-probe); head transform read from the config: "
+            f"{heads.describe(policy)}")
+        return
+    if any(hasattr(p, "ds_id") for p in policy.parameters()):
+        log(f"parity probe: skipped, ZeRO-3 partitioned the weights at load time; head transform read from the "
+            f"config: {heads.describe(policy)}")
+        return
+    verdict, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            res = heads.parity_probe(run.model, run.train_ds, run.tokenizer, run.make_batch)
+            verdict = (True, f"parity probe: {res['model']}'s own logits and the training path "
+                             f"agree on {res['rows']} training rows (up to {res['max_abs_diff']:.2g} nats per token "
+                             f"in fp32); head transform: {res['transform']}")
+        except Exception as e:  # noqa: BLE001 - the other processes must stop too, whatever stopped this one
+            failure = e
+            verdict = (False, str(e) if isinstance(e, UsageError) else
+                       f"parity probe: the main process failed ({type(e).__name__}: {e})")
+    if accelerator.num_processes > 1:
+        verdict = broadcast_object_list([verdict])[0]
+    if failure is not None:
+        raise failure
+    if not verdict[0]:
+        raise UsageError(verdict[1])
+    log(verdict[1])
 
 
 def raw_splits(args):
@@ -277,9 +338,9 @@ def load_reference(run: Run) -> None:
     path = os.path.join(args.output_dir, "ref_logps.pt")
     if run.start_step == 0:
         columns = {"train": precompute_reference(run.model, run.train_ds, run.tokenizer, accelerator,
-                                                 run.eval_batch_size, "train"),
+                                                 run.eval_batch_size, "train", run.make_batch),
                    "eval": precompute_reference(run.model, run.eval_ds, run.tokenizer, accelerator,
-                                                run.eval_batch_size, "held-out")}
+                                                run.eval_batch_size, "held-out", run.make_batch)}
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
             torch.save(columns, path + ".tmp")
@@ -309,7 +370,8 @@ def train(run: Run) -> int | None:
         f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
     if run.start_step == 0:
         run.before = run_eval(run, 0)
-        log(f"held-out likelihood-top accuracy before training: {_accuracy(run.before)} {_chance(run.before)}")
+        log(f"held-out likelihood-top accuracy before training: {_accuracy(run.before)} {_chance(run.before)}"
+            f"{_generation(run.before)}")
     elif accelerator.is_main_process:
         run.before = run.metrics_log.first_eval()  # the interrupted run's step-0 evaluation
 
@@ -329,7 +391,8 @@ def train(run: Run) -> int | None:
         if args.eval_every and done % args.eval_every == 0 and done < run.max_steps:
             res = run_eval(run, done)
             if accelerator.is_local_main_process:
-                bar.write(f"step {done}: held-out likelihood-top accuracy {_accuracy(res)}")
+                bar.write(f"step {done}: held-out likelihood-top accuracy {_accuracy(res)}"
+                          + (f", exact match {res['eval/exact_match']:.3f}" if "eval/exact_match" in res else ""))
         if args.save_every and done % args.save_every == 0:
             C.save_checkpoint(accelerator, args.output_dir, done,
                               {"step": done, "global_batch_size": run.global_batch_size, "seed": args.seed,
@@ -354,7 +417,7 @@ def optimizer_step(run: Run, step: int) -> tuple[dict, Any]:
     for micro in range(ga):
         idx = D.micro_batch_indices(gidx, micro, accelerator.process_index, accelerator.num_processes,
                                     args.per_device_batch_size)
-        batch = D.make_batch(run.train_ds, idx, run.tokenizer, accelerator.device)
+        batch = run.make_batch(run.train_ds, idx, run.tokenizer, accelerator.device)
         with accelerator.accumulate(pm):
             with accelerator.autocast():
                 loss, metrics = pm(**batch, mode="train")
@@ -379,9 +442,40 @@ def log_step(run: Run, done: int, lr: float, sums: dict, grad_norm) -> dict:
 
 
 def run_eval(run: Run, step: int) -> dict:
-    res = evaluate(run.model, run.eval_ds, run.tokenizer, run.accelerator, run.eval_batch_size)
+    res = evaluate(run.model, run.eval_ds, run.tokenizer, run.accelerator, run.eval_batch_size, run.make_batch)
+    if run.generation is None:
+        run.generation = generation_set(run)
+    if run.generation:
+        policy = run.accelerator.unwrap_model(run.model).model
+        res.update(evaluate_generation(policy, run.tokenizer, *run.generation, run.accelerator,
+                                       batch_size=run.args.generation_batch_size))
     _record(run, step, res)
     return res
+
+
+def generation_set(run: Run) -> tuple:
+    """``(prompts, answers)`` of the greedy generation eval: the embedded task's held-out prompts (those of
+    ``raw_splits`` when training on the task, else rebuilt from --task, --task-length, --num-responses and
+    --seed) and their computed answers; ``()``, said once in the log, when it does not apply."""
+    args, accelerator = run.args, run.accelerator
+    if args.generation_eval == "none":
+        return ()
+    if args.generation_eval == "auto" and args.dataset is not None:
+        accelerator.print(f"generation eval: skipped (no verifier for --dataset {args.dataset}; --generation-eval "
+                          "embedded checks the embedded task's held-out prompts)")
+        return ()
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # generate() would run the sharded policy outside the wrapper whose forward gathers its weights.
+        accelerator.print(f"generation eval: skipped under {accelerator.distributed_type.value}")
+        return ()
+    if args.dataset is None:
+        prompts = list(raw_splits(args)[1]["prompt"])
+    else:
+        prompts = [r["prompt"] for r in embedded.make_task_rows(
+            args.generation_eval_prompts or 512, task=args.task, length=args.task_length, k=args.num_responses,
+            seed=args.seed)]
+    prompts = prompts[: args.generation_eval_prompts or len(prompts)]
+    return prompts, [embedded.task_answer(p, args.task, args.task_length) for p in prompts]
 
 
 def _record(run: Run, step: int, values: dict) -> dict:
@@ -401,6 +495,13 @@ def _chance(res: dict) -> str:
     return f"(chance {res['eval/chance']:.3f}, {res['eval/prompts']} prompts)"
 
 
+def _generation(res: dict) -> str:
+    if "eval/exact_match" not in res:
+        return ""
+    return (f"; greedy exact match {res['eval/exact_match']:.3f}, correct characters {res['eval/correct_chars']:.2f} "
+            f"({res['eval/generated_prompts']} prompts)")
+
+
 def finish(run: Run) -> dict:
     """Held-out evaluation after training, summary.json, the plot, the final model and the closing line."""
     args, accelerator = run.args, run.accelerator
@@ -414,8 +515,13 @@ def finish(run: Run) -> dict:
     if not args.no_save_model:
         save_final_model(accelerator, run.model, run.tokenizer, os.path.join(args.output_dir, "final"))
     before = _accuracy(run.before) if run.before else "n/a (resumed)"
+    exact = ""
+    if "eval/exact_match" in after:
+        exact_before = f"{run.before['eval/exact_match']:.3f}" if "eval/exact_match" in (run.before or {}) else "n/a"
+        exact = (f"; greedy exact match: before {exact_before} -> after {after['eval/exact_match']:.3f} "
+                 f"(correct characters {after['eval/correct_chars']:.2f})")
     accelerator.print(f"held-out likelihood-top accuracy: before {before} -> after {_accuracy(after)} "
-                      f"{_chance(after)}; {run.max_steps - run.start_step} steps in {run.train_seconds:.1f} s; "
+                      f"{_chance(after)}{exact}; {run.max_steps - run.start_step} steps in {run.train_seconds:.1f} s; "
                       f"outputs in {args.output_dir}/")
     return summary
 
